@@ -308,7 +308,7 @@ class GaussianDiffusion:
         if not 1 <= steps <= self.num_timesteps:
             raise ValueError(f"diffusion steps must be in [1, {self.num_timesteps}], got {steps}")
         if steps not in self._chains:
-            t = torch.linspace(0, self.num_timesteps - 1, steps).round().long()
+            t = torch.linspace(self.num_timesteps - 1, 0, steps).round().long().flip(0)  # always ends at T - 1
             abar = self.alphas_cumprod[t]
             abar_prev = torch.cat([torch.ones(1, dtype=torch.float64), abar[:-1]])
             betas = 1 - abar / abar_prev

@@ -1,0 +1,361 @@
+"""Tests for discon.py: each test checks one component, against a closed form or an independent slow path."""
+import math
+from dataclasses import asdict
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import discon
+from discon import DisCon, DisConConfig, GaussianDiffusion, Tokenizer, TokenizerConfig
+
+torch.set_num_threads(2)
+
+TINY_TOKENIZER = dict(image_size=16, base_channels=16, downsample=4, latent_channels=4, codebook_size=32)
+TINY_MODEL = dict(n_layer=2, n_head=2, n_embd=32, head_width=32, head_depth=2, diffusion_steps=8)
+
+
+def tiny_tokenizer(seed=0, **overrides):
+    torch.manual_seed(seed)
+    return Tokenizer(TokenizerConfig(**{**TINY_TOKENIZER, **overrides}))
+
+
+def tiny_model(mode="discon", seed=0, **overrides):
+    tokenizer = tiny_tokenizer(seed)
+    torch.manual_seed(seed + 1)
+    return DisCon(DisConConfig(mode=mode, **{**TINY_MODEL, **overrides}), tokenizer)
+
+
+def images(batch=4, seed=0, size=16):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(batch, 3, size, size, generator=g) * 2 - 1
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Transformer
+
+
+def test_transformer_is_causal():
+    model = tiny_model()
+    x = torch.randn(2, model.transformer.block_size, 32)
+    i = 5
+    changed = x.clone()
+    changed[:, i + 1:] = torch.randn_like(changed[:, i + 1:])
+    a, b = model.transformer(x), model.transformer(changed)
+    torch.testing.assert_close(a[:, : i + 1], b[:, : i + 1], rtol=0, atol=1e-6)
+    assert (a[:, i + 1:] - b[:, i + 1:]).abs().max() > 1e-3
+
+
+def test_kv_cache_matches_full_forward():
+    model = tiny_model()
+    L = model.transformer.block_size
+    x = torch.randn(3, L, 32)
+    full = model.transformer(x)
+    cache = model.transformer.new_cache()
+    prefill = model.transformer(x[:, :7], cache)               # several positions at once, then one at a time
+    steps = [model.transformer(x[:, i: i + 1], cache) for i in range(7, L)]
+    torch.testing.assert_close(torch.cat([prefill] + steps, dim=1), full, rtol=0, atol=1e-5)
+
+
+def test_transformer_rejects_sequences_longer_than_its_block_size():
+    model = tiny_model()
+    with pytest.raises(ValueError, match="block size"):
+        model.transformer(torch.randn(1, model.transformer.block_size + 1, 32))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The DisCon sequence
+
+
+def test_condition_of_c_i_sees_all_of_d_and_only_earlier_c():
+    model = tiny_model().eval()
+    c, d = model.tokens(model.tokenizer.encode(images(2)))
+    y = torch.tensor([1, 2])
+    N, i = model.num_tokens, 6                       # the output at position N + i - 1 predicts c_i (1-based)
+    h = model.transformer(model.embed(y, c, d))
+    c2 = c.clone()
+    c2[:, i - 1:] += 1.0                             # change c_i .. c_N: the condition of c_i must not move
+    h2 = model.transformer(model.embed(y, c2, d))
+    torch.testing.assert_close(h2[:, : N + i], h[:, : N + i], rtol=0, atol=1e-6)
+    d2 = d.clone()
+    d2[:, -1] = (d2[:, -1] + 1) % model.tokenizer.cfg.codebook_size   # change d_N: every c condition must move
+    h3 = model.transformer(model.embed(y, c, d2))
+    assert (h3[:, N:] - h[:, N:]).abs().amax(dim=-1).min() > 1e-4
+
+
+def test_condition_of_c_i_carries_its_aligned_discrete_token():
+    model = tiny_model().eval()
+    c, d = model.tokens(model.tokenizer.encode(images(2)))
+    y = torch.tensor([1, 2])
+    N, i = model.num_tokens, 3
+    d2 = d.clone()
+    d2[:, i - 1] = (d2[:, i - 1] + 1) % model.tokenizer.cfg.codebook_size  # change d_i only
+    x, x2 = model.embed(y, c, d), model.embed(y, c, d2)
+    delta = (x2 - x).abs().amax(dim=-1)                                   # (B, L): which inputs changed
+    assert (delta[:, [i, N + i - 1]] > 0).all()                           # d_i's own position, and c_i's condition
+    delta[:, [i, N + i - 1]] = 0
+    assert (delta == 0).all()
+
+
+def test_continuous_and_discrete_modes_drop_the_other_half_of_the_sequence():
+    N = tiny_model().num_tokens
+    assert tiny_model("discon").transformer.block_size == 2 * N
+    for mode in ("continuous", "discrete"):
+        model = tiny_model(mode)
+        assert model.transformer.block_size == N
+        assert hasattr(model, "diffusion_head") == (mode == "continuous")
+        assert hasattr(model, "logits") == (mode == "discrete")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Gaussian diffusion
+
+
+def test_diffusion_schedule_tables_are_consistent():
+    diffusion = GaussianDiffusion(1000)
+    abar = diffusion.alphas_cumprod
+    assert abar.dtype == torch.float64 and len(abar) == 1000
+    assert (abar > 0).all() and (abar < 1).all()
+    assert (abar[1:] < abar[:-1]).all()
+    # the cosine schedule's closed form, abar(t) = f(t) / f(0) with f(t) = cos((t/T + s) / (1 + s) * pi / 2)^2
+    f = lambda t: math.cos((t / 1000 + 0.008) / 1.008 * math.pi / 2) ** 2
+    assert abs(float(abar[499]) - f(500) / f(0)) < 1e-12
+
+
+def test_respaced_chain_has_the_requested_number_of_steps():
+    diffusion = GaussianDiffusion(1000)
+    for steps in (1, 10, 100, 1000):
+        chain = diffusion.respaced(steps)
+        t = chain["timesteps"]
+        assert len(t) == steps and len(set(t.tolist())) == steps
+        assert t[-1] == 999 and (steps == 1 or t[0] == 0)
+        torch.testing.assert_close(chain["alphas_cumprod"], diffusion.alphas_cumprod[t])
+    with pytest.raises(ValueError, match="diffusion steps"):
+        diffusion.respaced(0)
+
+
+def test_q_sample_matches_its_closed_form():
+    diffusion = GaussianDiffusion(1000)
+    x0, noise = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 3, dtype=torch.float64)
+    t = torch.tensor([0, 10, 500, 990, 999])
+    abar = diffusion.alphas_cumprod[t][:, None]
+    torch.testing.assert_close(diffusion.q_sample(x0, t, noise), abar.sqrt() * x0 + (1 - abar).sqrt() * noise)
+
+
+@pytest.mark.parametrize("steps", [1, 7, 100])
+def test_sampling_with_an_exact_eps_oracle_returns_x0(steps):
+    diffusion = GaussianDiffusion(1000)
+    x0 = torch.randn(6, 4, dtype=torch.float64)
+
+    def oracle(x_t, t):  # the eps that explains x_t exactly for this x0
+        abar = diffusion.alphas_cumprod[t][:, None]
+        return (x_t - abar.sqrt() * x0) / (1 - abar).sqrt()
+
+    g = torch.Generator().manual_seed(0)
+    out = diffusion.sample(oracle, x0.shape, steps, temperature=1.0, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(out, x0, rtol=0, atol=1e-8)
+
+
+def test_diffusion_head_outputs_exactly_zero_at_initialisation():
+    head = discon.DiffusionHead(channels=4, cond_dim=32, width=32, depth=2)
+    out = head(torch.randn(8, 4), torch.randint(0, 1000, (8,)), torch.randn(8, 32))
+    assert out.shape == (8, 4) and (out == 0).all()
+
+
+def test_guidance_scale_one_equals_the_conditional_prediction():
+    cond, uncond = torch.randn(8, 4), torch.randn(8, 4)
+    torch.testing.assert_close(discon.classifier_free_guidance(cond, uncond, 1.0), cond, rtol=0, atol=1e-6)
+    torch.testing.assert_close(discon.classifier_free_guidance(cond, uncond, 0.0), uncond)
+    torch.testing.assert_close(discon.classifier_free_guidance(cond, uncond, 3.0), uncond + 3 * (cond - uncond))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Tokenizer
+
+
+def test_vq_indices_are_the_nearest_codes():
+    tok = tiny_tokenizer()
+    z = torch.randn(2, 4, 4, 4)
+    _, d, _ = tok.quantize(z)
+    flat = z.permute(0, 2, 3, 1).reshape(-1, 4)
+    brute = torch.stack([((flat[i] - tok.codebook.weight) ** 2).sum(1).argmin() for i in range(len(flat))])
+    assert torch.equal(d.flatten(), brute)
+
+
+def test_vq_straight_through_passes_the_decoder_gradient_to_the_encoder():
+    tok = tiny_tokenizer()
+    x = images(2)
+    z = tok.encoder(x)[:, :4]
+    q, _, _ = tok.quantize(z)
+    codes = tok.codebook(tok.quantize(z)[1]).permute(0, 3, 1, 2)
+    torch.testing.assert_close(q, codes, rtol=0, atol=1e-6)                        # forward value: the codes
+    tok.decoder(q).abs().mean().backward()                                         # no VQ loss, only the decoder
+    grad = tok.encoder.net[0].weight.grad
+    assert grad is not None and grad.abs().sum() > 0
+
+
+def test_dead_code_is_restarted_from_an_encoder_output():
+    tok = tiny_tokenizer().train()
+    tok.code_usage.fill_(5.0)
+    tok.code_usage[3] = 0.0
+    before = tok.codebook.weight.detach().clone()
+    x = images(2)
+    tok(x, generator=torch.Generator().manual_seed(0))
+    after = tok.codebook.weight.detach()
+    assert torch.equal(after[:3], before[:3]) and torch.equal(after[4:], before[4:])
+    z = tok.encoder(x)[:, :4].permute(0, 2, 3, 1).reshape(-1, 4)
+    assert ((z - after[3]).abs().amax(dim=1)).min() < 1e-6   # code 3 now equals one of this batch's encoder outputs
+    assert tok.code_usage[3] > tok.cfg.dead_code_threshold
+
+
+def test_tokenizer_loss_terms_and_codebook_usage():
+    tok = tiny_tokenizer().train()
+    terms = tok(images(4))
+    assert {"loss", "rec_continuous", "rec_discrete", "kl", "vq", "perplexity", "usage"} <= set(terms)
+    expected = terms["rec_continuous"] + terms["rec_discrete"] + tok.cfg.kl_weight * terms["kl"] + terms["vq"]
+    torch.testing.assert_close(terms["loss"], expected)
+    assert 1 <= terms["perplexity"] <= tok.cfg.codebook_size and 0 < terms["usage"] <= 1
+
+
+def test_latent_stats_normalise_c_and_decode_undoes_them():
+    tok = tiny_tokenizer().eval()
+    batches = [images(4, seed=s) for s in range(3)]
+    mean, std = tok.fit_latent_stats(batches)
+    c, _ = tok.encode(torch.cat(batches))
+    torch.testing.assert_close(c.mean((0, 2, 3)), torch.zeros(4), rtol=0, atol=1e-4)
+    torch.testing.assert_close(c.std((0, 2, 3), unbiased=False), torch.ones(4), rtol=0, atol=1e-4)
+    raw = tok.encoder(batches[0])[:, :4]
+    torch.testing.assert_close(tok.decode(tok.encode(batches[0])[0]), tok.decoder(raw), rtol=0, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Training and sampling, end to end
+
+
+def test_model_rebuilds_from_its_saved_configs():
+    model = tiny_model()
+    clone = discon.build_model(asdict(model.tokenizer.cfg), asdict(model.cfg))
+    clone.load_state_dict(model.state_dict(), strict=True)
+    x, y = images(2), torch.tensor([0, 1])
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    torch.testing.assert_close(model(x, y, g1)["loss"], clone(x, y, g2)["loss"])
+
+
+def test_training_step_calls_the_diffusion_head_once_on_all_tokens():
+    model = tiny_model("discon").train()
+    calls = []
+    model.diffusion_head.register_forward_hook(lambda m, args, out: calls.append(args[0].shape[0]))
+    model(images(3), torch.tensor([0, 1, 2]))
+    assert calls == [3 * model.num_tokens * model.cfg.diffusion_batch_mul]
+    calls.clear()
+    model.generate(torch.tensor([0, 1, 2]), cfg=2.0, diffusion_steps=5)
+    assert calls == [2 * 3] * (5 * model.num_tokens)    # one call per diffusion step, for the whole (guided) batch
+
+
+def test_tokenizer_is_frozen_inside_the_model():
+    model = tiny_model().train()
+    assert not model.tokenizer.training
+    assert not any(p.requires_grad for p in model.tokenizer.parameters())
+
+
+# Each mode must memorise 4 images: (required loss ratio, steps). Measured ratios: 0.004, 0.061 and 0.015; the bounds
+# leave about 2.5x room for other torch builds.
+OVERFIT = {"discrete": (0.01, 150), "continuous": (0.15, 300), "discon": (0.04, 300)}
+
+
+@pytest.mark.parametrize("mode", list(OVERFIT))
+def test_each_mode_overfits_a_tiny_batch(mode):
+    factor, steps = OVERFIT[mode]
+    model = tiny_model(mode, label_drop=0.0)
+    c, d = model.tokenizer.encode(images(4))
+    y = torch.tensor([0, 1, 2, 3])
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3, weight_decay=0.0)
+
+    def evaluate():  # the same noise draws every time, so the two numbers compare the model and nothing else
+        with torch.no_grad():
+            return float(model((c, d), y, torch.Generator().manual_seed(123))["loss"])
+
+    g = torch.Generator().manual_seed(0)
+    first = evaluate()
+    for _ in range(steps):
+        loss = model((c, d), y, g)["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    last = evaluate()
+    print(f"{mode}: loss {first:.4f} -> {last:.4f} (ratio {last / first:.3f})")
+    assert last < factor * first
+
+
+@pytest.mark.parametrize("mode", discon.MODES)
+def test_generate_returns_seeded_uint8_images(mode):
+    model = tiny_model(mode)
+    y = torch.tensor([0, 3, 9])
+    a = model.generate(y, cfg=2.0, top_k=8, generator=torch.Generator().manual_seed(7))
+    b = model.generate(y, cfg=2.0, top_k=8, generator=torch.Generator().manual_seed(7))
+    c = model.generate(y, cfg=2.0, top_k=8, generator=torch.Generator().manual_seed(8))
+    assert a.dtype == torch.uint8 and a.shape == (3, 3, 16, 16)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+@pytest.mark.parametrize("mode", discon.MODES)
+def test_generate_with_kv_cache_equals_the_slow_path(mode):
+    # float64, so that the last-bit differences between the two paths can flip neither a sampled code nor a pixel
+    model = tiny_model(mode).double()
+    with torch.no_grad():  # a trained-looking head, so the continuous phase depends on the transformer outputs
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    y = torch.tensor([1, 4])
+    fast = model.generate(y, cfg=1.5, generator=torch.Generator().manual_seed(0))
+    slow = model.generate(y, cfg=1.5, generator=torch.Generator().manual_seed(0), use_kv_cache=False)
+    assert torch.equal(fast, slow)
+
+
+def test_generate_works_under_bf16_autocast():
+    model = tiny_model("discon")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model.generate(torch.tensor([0, 1]), cfg=2.0, generator=torch.Generator().manual_seed(0))
+        loss = model(images(2), torch.tensor([0, 1]))["loss"]
+    assert out.dtype == torch.uint8 and out.shape == (2, 3, 16, 16) and torch.isfinite(loss)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Bad input gets a clear error
+
+
+def test_wrong_image_size_or_channels_is_rejected():
+    tok = tiny_tokenizer()
+    with pytest.raises(ValueError, match=r"expected images of shape \(B, 3, 16, 16\), got \(2, 3, 32, 32\)"):
+        tok.encode(images(2, size=32))
+    with pytest.raises(ValueError, match=r"got \(2, 1, 16, 16\)"):
+        tok(torch.zeros(2, 1, 16, 16))
+    with pytest.raises(ValueError, match="float images"):
+        tok.encode(torch.zeros(2, 3, 16, 16, dtype=torch.uint8))
+
+
+def test_labels_out_of_range_are_rejected():
+    model = tiny_model()
+    with pytest.raises(ValueError, match=r"labels must be in \[0, 10\), got values in \[0, 10\]"):
+        model(images(2), torch.tensor([0, 10]))
+    with pytest.raises(ValueError, match="labels must be in"):
+        model.generate(torch.tensor([-1]))
+    with pytest.raises(ValueError, match="got 3 labels for 2 images"):
+        model(images(2), torch.tensor([0, 1, 2]))
+
+
+def test_mismatched_c_and_d_grids_are_rejected():
+    model = tiny_model()
+    c, d = model.tokenizer.encode(images(2))
+    with pytest.raises(ValueError, match="c and d do not match"):
+        model((c, d[:, :2]), torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="c and d do not match"):
+        model((c[:, :2], d), torch.tensor([0, 1]))
+
+
+def test_unknown_mode_and_bad_configs_are_rejected():
+    with pytest.raises(ValueError, match="unknown mode 'mar': choose one of discon, continuous, discrete"):
+        DisConConfig(mode="mar")
+    with pytest.raises(ValueError, match="downsample must be a power of 2"):
+        TokenizerConfig(downsample=6)
+    with pytest.raises(ValueError, match="not divisible"):
+        TokenizerConfig(image_size=30, downsample=4)
