@@ -194,6 +194,17 @@ def test_vq_straight_through_passes_the_decoder_gradient_to_the_encoder():
     assert grad is not None and grad.abs().sum() > 0
 
 
+def test_vq_loss_is_codebook_plus_commitment_term():
+    tok = tiny_tokenizer()
+    z = torch.randn(2, 4, 4, 4, requires_grad=True)
+    _, d, vq_loss = tok.quantize(z)
+    q = tok.codebook(d).permute(0, 3, 1, 2)
+    sq = ((q - z) ** 2).mean()
+    torch.testing.assert_close(vq_loss, (1 + tok.cfg.commitment_weight) * sq)
+    vq_loss.backward()  # the codebook term moves the codes, the commitment term (beta-weighted) moves z
+    torch.testing.assert_close(z.grad, tok.cfg.commitment_weight * 2 * (z - q).detach() / z.numel())
+
+
 def test_dead_code_is_restarted_from_an_encoder_output():
     tok = tiny_tokenizer().train()
     tok.code_usage.fill_(5.0)
