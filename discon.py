@@ -64,6 +64,9 @@ class DisConConfig:
     diffusion_batch_mul: int = 4       # MAR: each condition is trained on 4 (t, noise) pairs per step
     num_timesteps: int = 1000          # MAR / DDPM training steps
     diffusion_steps: int = 100         # respaced sampling steps, MAR's default
+    clip_latent: float = 5.0           # sampling clamps the predicted clean c to +-this (c has unit std per channel);
+                                       # ADM's clip_denoised. Without it the first respaced step amplifies the head's
+                                       # eps error several hundred times (abar_999 = 2e-9) and samples diverge.
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -325,14 +328,18 @@ class GaussianDiffusion:
             )
         return self._chains[steps]
 
-    def sample(self, eps_fn, shape, steps, temperature=1.0, generator=None, device=None, dtype=torch.float32):
-        """Ancestral sampling from N(0, I) with eps_fn(x_t, t) -> eps; the added noise is scaled by temperature (MAR)."""
+    def sample(self, eps_fn, shape, steps, temperature=1.0, generator=None, device=None, dtype=torch.float32,
+               clip_x0=None):
+        """Ancestral sampling from N(0, I) with eps_fn(x_t, t) -> eps; the added noise is scaled by temperature (MAR).
+        clip_x0 clamps each step's estimate of x0, which keeps an imperfect eps from blowing up at large t."""
         chain = self.respaced(steps)
         x = torch.randn(shape, generator=generator, device=device, dtype=dtype)
         for i in reversed(range(steps)):
             t = chain["timesteps"][i].to(device).expand(shape[0])
             eps = eps_fn(x, t).to(dtype)
             x0 = float(chain["sqrt_recip_abar"][i]) * x - float(chain["sqrt_recipm1_abar"][i]) * eps
+            if clip_x0 is not None:
+                x0 = x0.clamp(-clip_x0, clip_x0)
             x = float(chain["coef_x0"][i]) * x0 + float(chain["coef_xt"][i]) * x
             if i > 0:
                 noise = torch.randn(shape, generator=generator, device=device, dtype=dtype)
@@ -654,7 +661,7 @@ class DisCon(nn.Module):
 
         shape = (B, self.tokenizer.cfg.latent_channels)
         dtype = self.class_embed.weight.dtype  # the chain runs in the weights' precision, even under autocast
-        return self.diffusion.sample(eps_fn, shape, steps, temperature, generator, z.device, dtype)
+        return self.diffusion.sample(eps_fn, shape, steps, temperature, generator, z.device, dtype, self.cfg.clip_latent)
 
 
 def build_model(tokenizer_config, model_config):

@@ -1,0 +1,145 @@
+"""Speed and memory of DisCon on this machine, printed as one table (the figures in README.md come from here).
+
+    python bench.py                       # CPU: quick and cifar10 presets, all three modes, KV cache, FID
+    python bench.py --device cuda --bf16  # GPU; add --compile to time a torch.compile'd training step
+
+Each (preset, mode) row runs in a fresh process, so its peak memory is its own: peak RSS on a CPU, peak allocated
+CUDA memory on a GPU. Ratios are measured within one run, on the same machine, seconds apart.
+"""
+import argparse
+import multiprocessing as mp
+import resource
+import time
+
+import numpy as np
+import torch
+
+import discon
+import train
+
+
+def timed(fn, repeats):
+    """Median wall time of fn() over `repeats` calls, after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def build(preset, mode, device):
+    _, tok_cfg, model_cfg = train.make_configs(["--preset", preset, "--mode", mode])
+    torch.manual_seed(0)
+    return discon.DisCon(model_cfg, discon.Tokenizer(tok_cfg)).to(device)
+
+
+def measure_mode(args, preset, mode, queue):
+    """One row: training images/s, sampling images/s and peak memory of one preset in one mode."""
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    model = build(preset, mode, device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
+    size = model.tokenizer.cfg.image_size
+    x = torch.rand(args.train_batch, 3, size, size, device=device) * 2 - 1
+    y = torch.arange(args.train_batch, device=device) % model.cfg.num_classes
+    tokens = model.tokenizer.encode(x)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    step_model = torch.compile(model) if args.compile else model
+
+    def train_step():  # on pre-encoded tokens, as a training step of stage 2 sees them after the encoder
+        with autocast:
+            loss = step_model(tokens, y)["loss"]
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    labels = torch.arange(args.sample_batch, device=device) % model.cfg.num_classes
+
+    def sample():
+        with autocast:
+            model.generate(labels, cfg=2.0, generator=torch.Generator(device).manual_seed(0))
+
+    train_s = timed(train_step, args.repeats)
+    sample_s = timed(sample, 1)
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
+    queue.put((args.train_batch / train_s, args.sample_batch / sample_s, peak))
+
+
+def kv_cache_speedup(args, mode, batch=16, diffusion_steps=20):
+    """Cached generation vs recomputing the whole prefix at each step, quick preset (N = 64 tokens)."""
+    model = build("quick", mode, torch.device(args.device)).eval()
+    labels = torch.arange(batch, device=args.device) % model.cfg.num_classes
+    run = lambda cache: model.generate(labels, diffusion_steps=diffusion_steps, use_kv_cache=cache,
+                                       generator=torch.Generator(args.device).manual_seed(0))
+    fast, slow = timed(lambda: run(True), 2), timed(lambda: run(False), 2)
+    return fast, slow
+
+
+def fid_speed(args):
+    import fid
+    import scipy.linalg
+    model = fid.load_inception(device=args.device)
+    images = np.random.default_rng(0).integers(0, 256, (args.fid_images, 32, 32, 3), dtype=np.uint8)
+    seconds = timed(lambda: fid.compute_features(images, model=model, device=args.device), 1)
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((2, 4096, 2048))
+    s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    mu = np.zeros(2048)
+    ours = timed(lambda: fid.frechet_distance(mu, s1, mu, s2), 1)
+    scipy_s = timed(lambda: scipy.linalg.sqrtm(s1 @ s2), 1)
+    return args.fid_images / seconds, scipy_s / ours
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--presets", default="quick,cifar10")
+    parser.add_argument("--modes", default=",".join(discon.MODES))
+    parser.add_argument("--train-batch", type=int, default=32)
+    parser.add_argument("--sample-batch", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=3, help="timed training steps (median)")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the training step")
+    parser.add_argument("--fid-images", type=int, default=64, help="0 skips the FID rows")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    name = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU, {args.threads} threads"
+    print(f"# bench.py on {name}, torch {torch.__version__}, bf16={args.bf16}, compile={args.compile}")
+    print(f"# train batch {args.train_batch}, sample batch {args.sample_batch} (cfg 2.0, preset diffusion steps)\n")
+
+    print(f"| preset | mode | train img/s | sample img/s | peak memory (MiB) |")
+    print(f"|---|---|---|---|---|")
+    context = mp.get_context("spawn")
+    for preset in args.presets.split(","):
+        for mode in args.modes.split(","):
+            queue = context.Queue()
+            child = context.Process(target=measure_mode, args=(args, preset, mode, queue))
+            child.start()
+            train_ips, sample_ips, peak = queue.get()
+            child.join()
+            print(f"| {preset} | {mode} | {train_ips:.1f} | {sample_ips:.2f} | {peak:.0f} |", flush=True)
+
+    print("\n| KV cache, quick preset, N = 64, batch 16 | cached (s) | recomputed (s) | speed-up |")
+    print("|---|---|---|---|")
+    for mode in ("discrete", "discon"):
+        fast, slow = kv_cache_speedup(args, mode)
+        note = " (20 diffusion steps)" if mode == "discon" else ""
+        print(f"| {mode}{note} | {fast:.2f} | {slow:.2f} | {slow / fast:.1f}x |", flush=True)
+
+    if args.fid_images:
+        images_per_s, speedup = fid_speed(args)
+        print(f"\n| FID | value |\n|---|---|")
+        print(f"| Inception features, 32x32 uint8 -> 299 (images/s) | {images_per_s:.1f} |")
+        print(f"| Frechet distance at 2048-d vs scipy.linalg.sqrtm | {speedup:.1f}x faster |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,158 @@
+"""
+Generate images from a stage-2 checkpoint (train.py's model.pt): a PNG grid, an .npz in the ADM evaluator's format
+(arr_0: N x H x W x 3 uint8, and labels), optionally one PNG per image, and optionally FID through fid.py.
+  python sample.py out/model.pt --num-images 100 --cfg 2.0
+  python sample.py out/model.pt --labels 3,7 --num-images 16 --save-pngs
+  torchrun --nproc_per_node 8 sample.py runs/in64/model.pt --num-images 50000 --batch-size 250 --fid-ref ref.npz
+Batch b is drawn with a seed derived from (--seed, b), so the images do not depend on the number of processes.
+Given a stage-1 checkpoint (tokenizer.pt), it reconstructs the first --num-images training images through both views
+instead (one process), and with --fid-ref reports the reconstruction FID of each: the paper's Figure 1 measurement.
+  python sample.py out/tokenizer.pt --num-images 1000 --fid-ref ref.npz
+"""
+import argparse
+import os
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from PIL import Image
+from tqdm import tqdm
+
+import discon
+from train import derived_seed, fail, print0, save_grid, setup_distributed
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoint", help="a checkpoint written by train.py: model.pt samples, tokenizer.pt reconstructs")
+    p.add_argument("--out", default="", help="output directory (default: samples/ beside the checkpoint)")
+    p.add_argument("--num-images", type=int, default=100)
+    p.add_argument("--labels", type=lambda s: [int(v) for v in s.split(",")], default=None,
+                   help="comma-separated class ids, repeated to --num-images (default: every class equally often)")
+    p.add_argument("--batch-size", type=int, default=100)
+    p.add_argument("--cfg", type=float, default=1.0, help="classifier-free guidance scale; 1 = none")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0, help="0 = sample from every code")
+    p.add_argument("--diffusion-steps", type=int, default=None, help="default: the model config's diffusion_steps")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of their EMA")
+    p.add_argument("--save-pngs", action="store_true", help="also write one PNG per image")
+    p.add_argument("--fid-ref", default="", help="reference statistics .npz (fid.py --save-stats) for FID")
+    p.add_argument("--fid-mode", default="pytorch-fid", help="fid.py preprocessing; must match the reference's")
+    p.add_argument("--fid-weights", default=None, help="Inception weights for fid.py (default: its download)")
+    args = p.parse_args(argv)
+    rank, local_rank, world, device = setup_distributed()
+    try:
+        generate(args, rank, world, device)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def generate(args, rank, world, device):
+    if not os.path.isfile(args.checkpoint):
+        fail(f"no checkpoint at {args.checkpoint}")
+    try:
+        ckpt = torch.load(args.checkpoint, map_location="cpu")
+    except Exception as e:  # a torch.load of a file that is no checkpoint raises anything from pickle to zipfile
+        fail(f"cannot read {args.checkpoint} as a checkpoint of train.py: {e}")
+    if not isinstance(ckpt, dict):
+        fail(f"{args.checkpoint} is not a checkpoint of train.py (model.pt or tokenizer.pt)")
+    if ckpt.get("stage") == 1:
+        return reconstruct(args, ckpt, rank, device) if rank == 0 else None
+    if ckpt.get("stage") != 2:
+        fail(f"{args.checkpoint} is not a checkpoint of train.py (model.pt or tokenizer.pt)")
+    model = discon.build_model(ckpt["config"]["tokenizer"], ckpt["config"]["model"])
+    model.load_state_dict(ckpt["model" if args.no_ema else "ema"])
+    model.to(device).eval()
+    num_classes = model.cfg.num_classes
+
+    if args.labels:  # the given classes, repeated to the requested number of images
+        if min(args.labels) < 0 or max(args.labels) >= num_classes:
+            fail(f"--labels must be class ids in [0, {num_classes})")
+        labels = np.resize(args.labels, args.num_images)
+    else:  # class-balanced, as the FID protocol of the papers compared with (e.g. 50 per class on ImageNet)
+        if args.num_images % num_classes:
+            fail(f"--num-images {args.num_images} is not divisible by the {num_classes} classes; "
+                 f"pass a multiple of {num_classes} or give --labels")
+        labels = np.repeat(np.arange(num_classes), args.num_images // num_classes)
+    batches = [np.arange(i, min(i + args.batch_size, len(labels))) for i in range(0, len(labels), args.batch_size)]
+
+    # Batches are dealt round-robin to the processes; each batch has its own generator seeded from (seed, b).
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    mine = []
+    for b in tqdm(range(rank, len(batches), world), desc="sampling", disable=rank != 0):
+        y = torch.from_numpy(labels[batches[b]]).to(device)
+        generator = torch.Generator(device).manual_seed(derived_seed(args.seed, b))
+        with autocast:
+            images = model.generate(y, cfg=args.cfg, temperature=args.temperature, top_k=args.top_k,
+                                    diffusion_steps=args.diffusion_steps, generator=generator)
+        mine.append((b, images.permute(0, 2, 3, 1).cpu().numpy()))                     # (B, H, W, 3) uint8
+    if world > 1:  # collect every process's batches on all of them (NCCL has no gather to one rank of objects)
+        gathered = [None] * world
+        dist.all_gather_object(gathered, mine)
+        mine = [item for part in gathered for item in part]
+    if rank != 0:
+        return
+    images = np.concatenate([x for _, x in sorted(mine, key=lambda item: item[0])])   # (N, H, W, 3) in label order
+
+    out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "samples")
+    os.makedirs(out, exist_ok=True)
+    n, h, w, _ = images.shape
+    npz = os.path.join(out, f"samples_{n}x{h}x{w}x3.npz")
+    np.savez(npz, arr_0=images, labels=labels)
+    # The grid: one row per class (10 classes and 10 images each at most), in label order.
+    rows = [images[labels == k][:10] for k in dict.fromkeys(labels.tolist())][:10]
+    grid = np.concatenate([np.concatenate([r, np.zeros((10 - len(r), h, w, 3), np.uint8)]) for r in rows])
+    save_grid(grid, 10, os.path.join(out, "grid.png"))
+    if args.save_pngs:
+        os.makedirs(os.path.join(out, "images"), exist_ok=True)
+        for i, (image, label) in enumerate(zip(images, labels)):
+            Image.fromarray(image).save(os.path.join(out, "images", f"{i:06d}_class{label}.png"))
+    print0(f"wrote {npz} and {os.path.join(out, 'grid.png')}")
+    if args.fid_ref:
+        score = fid_or_fail(args, images, device)
+        print0(f"FID {score:.3f} ({n} samples vs {args.fid_ref}, fid.py mode={args.fid_mode}, "
+               f"cfg={args.cfg}, temperature={args.temperature}, {'raw' if args.no_ema else 'EMA'} weights)")
+
+
+def fid_or_fail(args, images, device):
+    import fid  # imported here: sampling alone needs neither fid.py nor the Inception weights
+    try:
+        inception = fid.load_inception(args.fid_weights, device)
+        return fid.fid_from_images(images, args.fid_ref, mode=args.fid_mode, model=inception, device=device)
+    except (ValueError, RuntimeError, OSError) as e:
+        fail(f"the images are written, but FID failed: {e}")
+
+
+@torch.no_grad()
+def reconstruct(args, ckpt, rank, device):
+    """Stage 1: the first --num-images training images through decode(c) and decode_codes(d), and their rFID."""
+    import train
+    tokenizer = discon.Tokenizer(discon.TokenizerConfig(**ckpt["config"]["tokenizer"]))
+    tokenizer.load_state_dict(ckpt["model" if args.no_ema else "ema"])
+    tokenizer.to(device).eval()
+    data = ckpt["config"]["train"]
+    originals = train.load_dataset(data["dataset"], data["data_dir"], tokenizer.cfg.image_size)[0][:args.num_images]
+    views = {"continuous": [], "discrete": []}
+    for i in tqdm(range(0, len(originals), args.batch_size), desc="reconstructing"):
+        c, d = tokenizer.encode(train.to_model_input(originals[i:i + args.batch_size], device, tokenizer.cfg.image_size))
+        for name, x in (("continuous", tokenizer.decode(c)), ("discrete", tokenizer.decode_codes(d))):
+            views[name].append(discon.to_uint8(x).permute(0, 2, 3, 1).cpu().numpy())
+    out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "reconstructions")
+    os.makedirs(out, exist_ok=True)
+    rows = [np.asarray(originals[:10])]
+    for name, parts in views.items():
+        images = np.concatenate(parts)
+        np.savez(os.path.join(out, f"{name}_{len(images)}.npz"), arr_0=images)
+        rows.append(images[:10])
+        if args.fid_ref:
+            print0(f"rFID {fid_or_fail(args, images, device):.3f} ({name} view, {len(images)} training images vs "
+                   f"{args.fid_ref}, fid.py mode={args.fid_mode})")
+    save_grid(np.concatenate(rows), 10, os.path.join(out, "grid.png"))  # rows: original, continuous, discrete
+    print0(f"wrote the reconstructions and {os.path.join(out, 'grid.png')}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,525 @@
+"""
+Train DisCon in two stages (DISCON.md):
+  stage 1: the tokenizer (continuous latent grid c and its quantised view d), then its per-channel latent statistics;
+  stage 2: the causal transformer, p(d | y) then p(c | d, y), on the frozen tokenizer.
+The same script runs on a CPU, one GPU, or under torchrun (DDP is chosen from RANK / LOCAL_RANK / WORLD_SIZE):
+  python train.py                                                # quick preset: built-in shapes, both stages, CPU ok
+  python train.py --preset cifar10 --out_dir runs/cifar10         # one GPU
+  torchrun --nproc_per_node 8 train.py --preset imagenet64 --out_dir runs/in64
+  python train.py --stage 2 --tokenizer out/tokenizer.pt --mode continuous --out_dir out_continuous
+  (any of these) --resume                                         # continue from the checkpoints in --out_dir
+Every config field is a flag (--n_layer 6, --tokenizer.latent_channels 8); `python train.py --help` lists them.
+"""
+import argparse
+import copy
+import functools
+import glob
+import hashlib
+import json
+import math
+import os
+import pickle
+import socket
+import sys
+import tarfile
+import time
+import urllib.request
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, fields
+from datetime import timedelta
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+import discon
+
+
+@dataclass
+class TrainConfig:
+    dataset: str = "shapes"       # shapes (built in) | cifar10 | imagenet64 | folder
+    data_dir: str = "data"        # where cifar10 / imagenet64 files are (or get downloaded / converted), or the folder
+    out_dir: str = "out"          # checkpoints (tokenizer.pt, model.pt), log.jsonl, PNG grids
+    stage: str = "both"           # 1 (tokenizer) | 2 (transformer) | both
+    tokenizer: str = ""           # stage 2: the stage-1 checkpoint to build on (default: out_dir/tokenizer.pt)
+    resume: bool = False          # continue each stage from its checkpoint in out_dir
+    seed: int = 0
+    batch_size: int = 32          # global: per optimizer step, split over processes and accumulation steps
+    grad_accum: int = 1
+    tokenizer_steps: int = 1500   # the defaults (and the quick preset) fit ~10 minutes on 2 CPU cores
+    tokenizer_lr: float = 3e-3
+    model_steps: int = 2500
+    model_lr: float = 3e-3
+    warmup: float = 0.05          # fraction of a stage's steps with a linear warmup
+    schedule: str = "cosine"      # cosine (down to lr/10, as nanoGPT) | constant (as MAR)
+    weight_decay: float = 0.02    # MAR
+    beta2: float = 0.95           # AdamW betas (0.9, 0.95): MAR, LlamaGen
+    grad_clip: float = 1.0        # LlamaGen; 0 = off
+    ema_decay: float = 0.999
+    log_every: int = 50
+    sample_every: int = 1000      # PNG grid: reconstructions (stage 1) or samples (stage 2)
+    sample_cfg: float = 3.0       # classifier-free guidance scale of the stage-2 sample grids
+    ckpt_every: int = 500
+    compile: bool = False         # torch.compile the model
+
+
+CHOICES = {"dataset": ("shapes", "cifar10", "imagenet64", "folder"), "stage": ("1", "2", "both"),
+           "schedule": ("cosine", "constant"), "mode": discon.MODES}
+# A preset overrides the dataclass defaults (keys are flag names); the command line overrides the preset.
+PRESETS = {
+    # Shapes at 32x32 in about 10 minutes on 2 CPU cores: TrainConfig's defaults and a small tokenizer and transformer
+    # (8x8 grid of 4 channels, 128 codes; 2 layers of 64); measured choices, see README.md.
+    "quick": {"tokenizer.base_channels": 8, "tokenizer.latent_channels": 4, "tokenizer.codebook_size": 128,
+              "n_layer": 2, "n_head": 4, "n_embd": 64, "head_width": 64, "head_depth": 2, "diffusion_batch_mul": 1},
+    # GPU recipes, not yet run end to end (README.md gives time estimates). Learning rates follow MAR and LlamaGen's
+    # 1e-4 per 256 images for the transformer; the tokenizer's is of the order of LDM's autoencoders. The transformers
+    # are GPT-2 small sized (CIFAR-10; dropout 0.1 because 200k steps are ~1000 epochs) and MAR-B sized (ImageNet).
+    "cifar10": {"dataset": "cifar10", "batch_size": 256, "tokenizer_steps": 50_000, "tokenizer_lr": 2e-4,
+                "model_steps": 200_000, "model_lr": 1e-4, "ema_decay": 0.9999, "log_every": 100,
+                "sample_every": 5000, "ckpt_every": 5000, "n_layer": 12, "n_head": 8, "n_embd": 512,
+                "head_width": 1024, "head_depth": 3, "dropout": 0.1},
+    "imagenet64": {"dataset": "imagenet64", "batch_size": 512, "tokenizer_steps": 100_000, "tokenizer_lr": 2e-4,
+                   "model_steps": 300_000, "model_lr": 2e-4, "ema_decay": 0.9999, "log_every": 100,
+                   "sample_every": 10_000, "ckpt_every": 5000, "tokenizer.image_size": 64,
+                   "tokenizer.base_channels": 128, "tokenizer.latent_channels": 16, "tokenizer.codebook_size": 1024,
+                   "n_layer": 24, "n_head": 12, "n_embd": 768, "head_width": 1024, "head_depth": 3},
+}
+
+
+def make_configs(argv=None):
+    """Dataclass defaults <- preset <- command line. Returns (TrainConfig, TokenizerConfig, DisConConfig)."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--preset", default="quick", choices=PRESETS)
+    preset = pre.parse_known_args(argv)[0].preset
+    tcfg, tok_cfg, model_cfg = TrainConfig(), discon.TokenizerConfig(), discon.DisConConfig()
+    flags = {f.name: (tcfg, f) for f in fields(tcfg)}
+    assert not flags.keys() & {f.name for f in fields(model_cfg)}, "TrainConfig and DisConConfig share a field name"
+    flags.update({f.name: (model_cfg, f) for f in fields(model_cfg)})
+    flags.update({"tokenizer." + f.name: (tok_cfg, f) for f in fields(tok_cfg)})
+    for name, value in PRESETS[preset].items():
+        setattr(flags[name][0], flags[name][1].name, value)
+
+    class Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+        pass
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=Formatter, allow_abbrev=False)
+    parser.add_argument("--preset", default="quick", choices=PRESETS, help="recipe that sets the defaults below")
+    for name, (cfg, f) in flags.items():
+        kind = {"bool": bool, "int": int, "float": float, "str": str}.get(f.type, f.type)  # annotations may be strings
+        parser.add_argument("--" + name, dest=name, default=getattr(cfg, f.name), help=type(cfg).__name__,
+                            **{"action": argparse.BooleanOptionalAction} if kind is bool else
+                            {"type": kind, "choices": CHOICES.get(name)})
+    args = parser.parse_args(argv)
+    for name, (cfg, f) in flags.items():
+        setattr(cfg, f.name, getattr(args, name))
+    try:  # rebuilt so that the configs' own checks (__post_init__) see the final values
+        return tcfg, discon.TokenizerConfig(**asdict(tok_cfg)), discon.DisConConfig(**asdict(model_cfg))
+    except ValueError as e:
+        parser.error(str(e))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Processes: one script for CPU, one GPU and torchrun; every collective is guarded, rank 0 alone prints and writes.
+
+def setup_distributed():
+    """-> (rank, local_rank, world_size, device). A plain `python` run is rank 0 of 1 and never calls a collective."""
+    rank, local_rank, world = (int(os.environ.get(k, 0)) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
+    world = max(world, 1)
+    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world > 1:
+        # A long timeout because the one-time ImageNet-64 conversion runs while the other processes wait in a barrier.
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(hours=1))
+    return rank, local_rank, world, device
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def print0(*args):
+    if int(os.environ.get("RANK", 0)) == 0:
+        tqdm.write(" ".join(str(a) for a in args))  # tqdm.write keeps the progress bar intact
+
+
+def fail(message):
+    """Exit non-zero; only rank 0 prints the message, so it appears once."""
+    sys.exit(message if int(os.environ.get("RANK", 0)) == 0 else 1)
+
+
+def derived_seed(*keys):
+    """A seed that is a pure function of non-negative integers, e.g. (seed, stage, step, rank): randomness drawn from it
+    needs no state in the checkpoint, so a resumed run repeats exactly what an uninterrupted run would have drawn."""
+    return int(np.random.SeedSequence(list(keys)).generate_state(1)[0])
+
+
+def atomic_write(path, write):
+    """write(f) into a temporary file in the same directory, fsync, then os.replace (atomic on POSIX): a crash or a
+    kill mid-write leaves the previous file at `path` intact and loadable."""
+    tmp = f"{path}.tmp.{socket.gethostname()}.{os.getpid()}"  # unique even when nodes share the directory
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def save_grid(images, ncol, path):
+    """images: uint8 (N, H, W, 3) -> one PNG with ncol images per row and 2-pixel white gaps."""
+    n, h, w, _ = images.shape
+    nrow, pad = -(-n // ncol), 2
+    grid = np.full((nrow * (h + pad) + pad, ncol * (w + pad) + pad, 3), 255, np.uint8)
+    for i, image in enumerate(images):
+        r, c = divmod(i, ncol)
+        grid[pad + r * (h + pad):pad + r * (h + pad) + h, pad + c * (w + pad):pad + c * (w + pad) + w] = image
+    Image.fromarray(grid).save(path)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Data: every dataset becomes (images uint8 (N, H, W, 3), labels int64 (N,), num_classes), held in memory or mem-mapped.
+
+SHAPES = {  # class name -> inside-test in shape coordinates (u, v): centre 0, radius 1, v grows downwards
+    "circle": lambda u, v: u * u + v * v < 1,
+    "square": lambda u, v: np.maximum(abs(u), abs(v)) < 0.8,
+    "triangle": lambda u, v: (v < 0.7) & (abs(u) < 0.6 * (v + 0.9)),
+    "cross": lambda u, v: ((abs(u - v) < 0.35) | (abs(u + v) < 0.35)) & (np.maximum(abs(u), abs(v)) < 0.85),
+    "ring": lambda u, v: (u * u + v * v < 1) & (u * u + v * v > 0.4),
+    "diamond": lambda u, v: abs(u) + abs(v) < 1,
+    "horizontal bar": lambda u, v: (abs(u) < 1) & (abs(v) < 0.35),
+    "vertical bar": lambda u, v: (abs(u) < 0.35) & (abs(v) < 1),
+    "plus": lambda u, v: ((abs(u) < 0.3) | (abs(v) < 0.3)) & (np.maximum(abs(u), abs(v)) < 1),
+    "half-disc": lambda u, v: (u * u + (v + 0.4) ** 2 < 1) & (v > -0.4),
+}
+CIFAR_URL, CIFAR_MD5 = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz", "c58f30108f718f92721af3b95e74349a"
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+
+def make_shapes(n, size, seed):
+    """The built-in dataset, a pure function of (n, size, seed): class k is the k-th of SHAPES at a random size,
+    place and colour on a two-colour gradient. The foreground is light on a dark background or the reverse, so every
+    shape stands out; masks are evaluated on a 4x finer grid and averaged down, which antialiases the edges."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, len(SHAPES), n)
+    radius = rng.uniform(0.2, 0.4, n).astype(np.float32)                    # fraction of the image side
+    cx, cy = (rng.uniform(radius, 1 - radius).astype(np.float32) for _ in range(2))
+    fg = rng.uniform(0, 1, (n, 3))
+    light = fg.mean(1, keepdims=True) > 0.5
+    bg0 = np.where(light, rng.uniform(0, 0.35, (n, 3)), rng.uniform(0.65, 1, (n, 3)))
+    bg1 = np.clip(bg0 + rng.uniform(-0.2, 0.2, (n, 3)), 0, 1)
+    angle = rng.uniform(0, 2 * np.pi, n)
+    fine = ((np.arange(4 * size) + 0.5) / (4 * size)).astype(np.float32)    # pixel centres of the 4x grid in [0, 1]
+    p = (np.arange(size) + 0.5) / size
+    images = np.empty((n, size, size, 3), np.uint8)
+    for start in range(0, n, 256):  # in chunks, so that the 4x masks stay in cache
+        i = slice(start, start + 256)
+        u = (fine[None, None, :] - cx[i, None, None]) / radius[i, None, None]  # (b, 1, 4s)
+        v = (fine[None, :, None] - cy[i, None, None]) / radius[i, None, None]  # (b, 4s, 1)
+        mask = np.zeros((len(u), 4 * size, 4 * size), np.float32)
+        for k, inside in enumerate(SHAPES.values()):
+            mask[labels[i] == k] = inside(u[labels[i] == k], v[labels[i] == k])
+        alpha = mask.reshape(-1, size, 4, size, 4).mean((2, 4))[..., None]     # (b, s, s, 1) coverage
+        t = 0.5 + (p[None, None, :] - 0.5) * np.cos(angle[i, None, None]) + (p[None, :, None] - 0.5) * np.sin(angle[i, None, None])
+        t = np.clip(t, 0, 1)[..., None]                                        # (b, s, s, 1) position on the gradient
+        background = bg0[i, None, None] * (1 - t) + bg1[i, None, None] * t
+        images[i] = (background * (1 - alpha) + fg[i, None, None] * alpha) * 255 + 0.5
+    return images, labels
+
+
+def prepare_data(name, data_dir):
+    """One-time work, run by one process per node while the others wait: download CIFAR-10 or convert ImageNet-64."""
+    if name == "cifar10" and not os.path.isdir(os.path.join(data_dir, "cifar-10-batches-py")):
+        archive = os.path.join(data_dir, "cifar-10-python.tar.gz")
+        try:
+            os.makedirs(data_dir, exist_ok=True)
+            with urllib.request.urlopen(CIFAR_URL, timeout=60) as response:
+                atomic_write(archive, lambda f: f.write(response.read()))
+        except OSError as e:
+            fail(f"CIFAR-10 is not in {data_dir}/cifar-10-batches-py and downloading it failed ({e}).\n"
+                 f"Download {CIFAR_URL} and extract it into {data_dir}/ (giving {data_dir}/cifar-10-batches-py/).")
+        with open(archive, "rb") as f:
+            if hashlib.md5(f.read()).hexdigest() != CIFAR_MD5:
+                fail(f"{archive} does not have the MD5 {CIFAR_MD5} of the official archive; delete it and retry")
+        with tarfile.open(archive) as tar:
+            tar.extractall(data_dir, filter="data")
+    if name == "imagenet64":
+        # The official batches are ~15 GB of zipped arrays. Converting them once into one uint8 .npy that every process
+        # memory-maps lets the 8 processes of a node share one copy in the page cache instead of loading 8.
+        images_path, labels_path = (os.path.join(data_dir, f"imagenet64_train_{x}.npy") for x in ("images", "labels"))
+        if os.path.exists(images_path):
+            return
+        files = sorted(glob.glob(os.path.join(data_dir, "train_data_batch_*.npz")), key=lambda p: int(p[:-4].split("_")[-1]))
+        if not files:
+            fail(f"no ImageNet 64x64 files in {data_dir}: put the official downsampled ImageNet training files there "
+                 f"(Imagenet64_train_part*.zip from image-net.org, unzipped: train_data_batch_1.npz .. 10.npz)")
+        labels = np.concatenate([np.load(p)["labels"] for p in files]).astype(np.int64) - 1  # the files count from 1
+        header = {"descr": "|u1", "fortran_order": False, "shape": (len(labels), 64, 64, 3)}
+
+        def write_images(f):
+            np.lib.format.write_array_header_1_0(f, header)
+            for p in files:  # one batch at a time: (n, 12288) flattened CHW -> (n, 64, 64, 3)
+                f.write(np.load(p)["data"].reshape(-1, 3, 64, 64).transpose(0, 2, 3, 1).tobytes())
+        atomic_write(labels_path, lambda f: np.save(f, labels))
+        atomic_write(images_path, write_images)  # written last: its presence means the conversion is complete
+
+
+def load_dataset(name, data_dir, image_size):
+    """-> (images uint8 (N, H, W, 3), labels int64 (N,), num_classes). Call prepare_data first."""
+    if name == "shapes":
+        return (*make_shapes(20_000, image_size, seed=0), len(SHAPES))
+    if name == "cifar10":
+        images, labels = [], []
+        for i in range(1, 6):
+            with open(os.path.join(data_dir, "cifar-10-batches-py", f"data_batch_{i}"), "rb") as f:
+                d = pickle.load(f, encoding="bytes")
+            images.append(d[b"data"].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))  # (n, 3072) flattened CHW
+            labels.append(np.asarray(d[b"labels"], np.int64))
+        return np.concatenate(images), np.concatenate(labels), 10
+    if name == "imagenet64":
+        path = os.path.join(data_dir, "imagenet64_train_")
+        return np.load(path + "images.npy", mmap_mode="r"), np.load(path + "labels.npy"), 1000
+    if not os.path.isdir(data_dir):  # folder: one sub-directory of images per class
+        fail(f"--data_dir {data_dir} is not a directory (the folder dataset wants one sub-directory per class)")
+    classes = sorted(d for d in os.listdir(data_dir) if os.path.isdir(os.path.join(data_dir, d)))
+    images, labels = [], []
+    for k, c in enumerate(classes):
+        for file in sorted(os.listdir(os.path.join(data_dir, c))):
+            if os.path.splitext(file)[1].lower() not in IMAGE_EXTENSIONS:
+                continue
+            try:
+                with Image.open(os.path.join(data_dir, c, file)) as im:
+                    im = im.convert("RGB")
+            except (OSError, ValueError) as e:
+                print0(f"skipping unreadable image {os.path.join(data_dir, c, file)}: {e}")
+                continue
+            s = min(im.size)  # centre crop to a square, then resize
+            box = ((im.width - s) // 2, (im.height - s) // 2, (im.width - s) // 2 + s, (im.height - s) // 2 + s)
+            images.append(np.asarray(im.resize((image_size, image_size), Image.Resampling.BICUBIC, box=box)))
+            labels.append(k)
+    if not images:
+        fail(f"no readable images in the class sub-directories of {data_dir}")
+    return np.stack(images), np.asarray(labels, np.int64), len(classes)
+
+
+def to_model_input(images, device, image_size):
+    """uint8 (B, H, W, 3) -> float (B, 3, image_size, image_size) in [-1, 1] on the device."""
+    x = torch.from_numpy(np.ascontiguousarray(images)).to(device).permute(0, 3, 1, 2).float() / 127.5 - 1
+    if x.shape[-1] != image_size:  # e.g. ImageNet-64 trained at 32x32
+        x = F.interpolate(x, size=image_size, mode="bicubic", antialias=True).clamp(-1, 1)
+    return x
+
+
+@functools.lru_cache(maxsize=1)
+def permutation(seed, epoch, n):
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def get_batch(data, position, tcfg, rank, world, device, image_size):
+    """The global batch at data position (epoch, index) of the epoch's permutation, a pure function of (seed, epoch);
+    this process takes its slice. Flips are drawn for the whole global batch before slicing, so the data a step sees
+    do not depend on the number of processes. -> (x, y, next position)."""
+    images, labels, _ = data
+    epoch, index = position
+    if index + tcfg.batch_size > len(labels):  # drop the last partial batch of an epoch
+        epoch, index = epoch + 1, 0
+    order = permutation(tcfg.seed, epoch, len(labels))[index:index + tcfg.batch_size]
+    flip = np.random.default_rng([tcfg.seed, epoch, index]).random(tcfg.batch_size) < 0.5
+    share = tcfg.batch_size // world
+    mine = slice(rank * share, (rank + 1) * share)
+    x = to_model_input(images[order[mine]], device, image_size)
+    x = torch.where(torch.from_numpy(flip[mine]).to(device)[:, None, None, None], x.flip(3), x)
+    return x, torch.from_numpy(labels[order[mine]]).to(device), (epoch, index + tcfg.batch_size)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Training
+
+def make_optimizer(model, lr, tcfg, device):
+    """AdamW that decays only the weight matrices of Linear and Conv layers: norms, biases and embeddings (the codebook
+    too) keep their scale (nanoGPT's grouping). The frozen tokenizer of stage 2 is left out."""
+    decay, no_decay = [], []
+    for module in model.modules():
+        for p in module.parameters(recurse=False):
+            if p.requires_grad:
+                matrix = isinstance(module, (nn.Linear, nn.Conv2d, nn.ConvTranspose2d)) and p.dim() >= 2
+                (decay if matrix else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": tcfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, tcfg.beta2), fused=device.type == "cuda")
+
+
+def lr_at(step, steps, lr, tcfg):
+    """Linear warmup, then cosine down to lr/10 (nanoGPT) or constant (MAR)."""
+    warmup = int(tcfg.warmup * steps)
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    if tcfg.schedule == "constant":
+        return lr
+    progress = (step - warmup) / max(1, steps - warmup)
+    return lr * (0.1 + 0.45 * (1 + math.cos(math.pi * progress)))
+
+
+@torch.no_grad()
+def update_ema(ema, model, step, decay):
+    # The decay warms up as in TensorFlow's ExponentialMovingAverage(num_updates): early on the average spans only the
+    # last few steps, so a short run still gets a useful EMA instead of one that remembers the random initialisation.
+    decay = min(decay, (1 + step) / (10 + step))
+    for e, p in zip(ema.parameters(), model.parameters()):
+        e.lerp_(p, 1 - decay)
+    for e, b in zip(ema.buffers(), model.buffers()):
+        e.copy_(b)
+
+
+@torch.no_grad()
+def save_preview(stage, ema, data, step, tcfg, device, image_size):
+    """Stage 1: rows original | continuous reconstruction | discrete reconstruction. Stage 2: one row of samples per
+    class (10 classes at most, spread over the label range), from the EMA weights."""
+    if stage == 1:
+        x = to_model_input(data[0][:8], device, image_size)
+        c, d = ema.encode(x)
+        images = discon.to_uint8(torch.cat([x, ema.decode(c), ema.decode_codes(d)]))
+    else:
+        classes = torch.linspace(0, data[2] - 1, min(data[2], 10)).round().long()
+        y = classes.repeat_interleave(8).to(device)
+        images = ema.generate(y, cfg=tcfg.sample_cfg, generator=torch.Generator(device).manual_seed(tcfg.seed))
+    name = f"{'reconstructions' if stage == 1 else 'samples'}_{step:07d}.png"
+    save_grid(images.permute(0, 2, 3, 1).cpu().numpy(), 8, os.path.join(tcfg.out_dir, name))
+
+
+def train_stage(stage, model, data, tcfg, config, rank, world, device):
+    """Stage 1 trains the Tokenizer and then fits its latent statistics; stage 2 trains DisCon on the frozen tokenizer.
+    Writes out_dir/tokenizer.pt or out_dir/model.pt; with --resume it continues from that file."""
+    steps, lr = (tcfg.tokenizer_steps, tcfg.tokenizer_lr) if stage == 1 else (tcfg.model_steps, tcfg.model_lr)
+    path = os.path.join(tcfg.out_dir, "tokenizer.pt" if stage == 1 else "model.pt")
+    image_size = config["tokenizer"]["image_size"]
+    model.to(device)
+    ema = copy.deepcopy(model).requires_grad_(False).eval()
+    optimizer = make_optimizer(model, lr, tcfg, device)
+    step, position = 0, (0, 0)
+    if tcfg.resume and os.path.exists(path):
+        ckpt = torch.load(path, map_location=device)
+        for name in ("tokenizer",) if stage == 1 else ("tokenizer", "model"):
+            diff = {k: (ckpt["config"][name].get(k), v) for k, v in config[name].items() if ckpt["config"][name].get(k) != v}
+            if diff:
+                fail(f"{path} was made with another {name} config, field: (checkpoint, now): {diff}")
+        if ckpt["finished"] and ckpt["step"] >= steps:
+            print0(f"stage {stage} already finished in {path}")
+            return
+        model.load_state_dict(ckpt["model"])
+        ema.load_state_dict(ckpt["ema"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        step, position = ckpt["step"], (ckpt["data"]["epoch"], ckpt["data"]["index"])
+        print0(f"stage {stage}: resuming from {path} at step {step}")
+    net = torch.compile(model) if tcfg.compile else model
+    if world > 1:
+        net = DDP(net, device_ids=[device.index] if device.type == "cuda" else None)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    generator = torch.Generator(device)
+    micro = tcfg.batch_size // (world * tcfg.grad_accum)
+    bar = tqdm(total=steps, initial=step, desc=f"stage {stage}", disable=rank != 0, dynamic_ncols=True,
+               mininterval=1 if sys.stderr.isatty() else 60)  # a log file gets one bar line a minute
+    logged, logged_steps, t0 = 0, 0, time.time()
+    model.train()
+    while step < steps:
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, steps, lr, tcfg)
+        x, y, position = get_batch(data, position, tcfg, rank, world, device, image_size)
+        # Model noise (diffusion, KL sampling, label drop) comes from `generator`, dropout from the global RNG; both
+        # are re-seeded from (seed, stage, step, rank) each step, which is what makes --resume exact on every process.
+        generator.manual_seed(derived_seed(tcfg.seed, stage, step, rank, 0))
+        torch.manual_seed(derived_seed(tcfg.seed, stage, step, rank, 1))
+        for i, (xi, yi) in enumerate(zip(x.split(micro), y.split(micro))):
+            # Under DDP gradients are averaged over processes on the last micro-step only (no_sync before it); dividing
+            # by the accumulation count makes the summed gradient that of the mean loss over the global batch.
+            with net.no_sync() if world > 1 and i < tcfg.grad_accum - 1 else nullcontext():
+                with autocast:
+                    terms = net(xi, generator=generator) if stage == 1 else net(xi, yi, generator=generator)
+                (terms["loss"] / tcfg.grad_accum).backward()
+            logged = logged + torch.stack([v.detach().float() for v in terms.values()]) / tcfg.grad_accum
+        grad_norm = nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip or float("inf"))
+        # A non-finite loss gives a non-finite gradient norm, and the norm (of averaged gradients) is the same on every
+        # process, so all of them stop together, before the bad update reaches the weights or a checkpoint.
+        if not torch.isfinite(grad_norm):
+            fail(f"stage {stage}: the loss or its gradient is not finite at step {step}; stopping. The last good "
+                 f"checkpoint ({path}) is intact: resume from it with a lower learning rate or --grad_clip.")
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        update_ema(ema, model, step, tcfg.ema_decay)
+        step, logged_steps = step + 1, logged_steps + 1
+        bar.update()
+        if step % tcfg.log_every == 0 or step == steps:
+            if world > 1:
+                dist.all_reduce(logged)
+            means = (logged / (world * logged_steps)).tolist()
+            line = {"stage": stage, "step": step, **{k: round(v, 5) for k, v in zip(terms, means)},
+                    "lr": optimizer.param_groups[0]["lr"], "grad_norm": round(grad_norm.item(), 4),
+                    "images_per_s": round(logged_steps * tcfg.batch_size / (time.time() - t0), 1)}
+            bar.set_postfix(loss=f"{line['loss']:.4f}")
+            print0(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in line.items()))
+            if rank == 0:
+                with open(os.path.join(tcfg.out_dir, "log.jsonl"), "a") as f:
+                    f.write(json.dumps(line) + "\n")
+            logged, logged_steps, t0 = 0, 0, time.time()
+        if rank == 0 and (step % tcfg.ckpt_every == 0 or step == steps):
+            if stage == 1 and step == steps:  # per-channel latent statistics of the final (EMA) tokenizer
+                images = data[0][:10_000]
+                ema.fit_latent_stats(to_model_input(images[i:i + 250], device, image_size)
+                                     for i in range(0, len(images), 250))
+            checkpoint = {"stage": stage, "step": step, "finished": step == steps,
+                          "data": {"epoch": position[0], "index": position[1]}, "config": config,
+                          "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict()}
+            atomic_write(path, lambda f: torch.save(checkpoint, f))
+        if rank == 0 and (step % tcfg.sample_every == 0 or step == steps):
+            save_preview(stage, ema, data, step, tcfg, device, image_size)
+    bar.close()
+    barrier()  # stage 2 reads the tokenizer checkpoint that rank 0 has just written
+
+
+def main(argv=None):
+    tcfg, tok_cfg, model_cfg = make_configs(argv)
+    rank, local_rank, world, device = setup_distributed()
+    try:
+        if tcfg.batch_size % (world * tcfg.grad_accum):
+            fail(f"--batch_size {tcfg.batch_size} is not divisible by processes x --grad_accum = {world * tcfg.grad_accum}")
+        if tcfg.tokenizer and tcfg.stage != "2":
+            fail("--tokenizer starts stage 2 from an existing tokenizer: use it with --stage 2")
+        tok_path = tcfg.tokenizer or os.path.join(tcfg.out_dir, "tokenizer.pt")
+        if tcfg.stage == "2":  # the tokenizer checkpoint defines the tokenizer config (and so the image size)
+            if not os.path.exists(tok_path):
+                fail(f"no tokenizer checkpoint at {tok_path}: run stage 1 first or pass --tokenizer PATH")
+            tok_cfg = discon.TokenizerConfig(**torch.load(tok_path, map_location="cpu")["config"]["tokenizer"])
+        if local_rank == 0:
+            prepare_data(tcfg.dataset, tcfg.data_dir)
+        barrier()
+        data = load_dataset(tcfg.dataset, tcfg.data_dir, tok_cfg.image_size)
+        model_cfg.num_classes = data[2]
+        if rank == 0:
+            os.makedirs(tcfg.out_dir, exist_ok=True)
+        print0(f"{tcfg.dataset}: {len(data[1])} images, {data[2]} classes; {world} process(es) on {device}")
+        config = {"train": asdict(tcfg), "tokenizer": asdict(tok_cfg), "model": asdict(model_cfg)}
+        if tcfg.stage in ("1", "both"):
+            torch.manual_seed(tcfg.seed)  # the same initial weights on every process
+            train_stage(1, discon.Tokenizer(tok_cfg), data, tcfg, config, rank, world, device)
+        if tcfg.stage in ("2", "both"):
+            ckpt = torch.load(tok_path, map_location="cpu")
+            if ckpt.get("stage") != 1 or not ckpt.get("finished"):
+                fail(f"{tok_path} is not a finished stage-1 (tokenizer) checkpoint")
+            tokenizer = discon.Tokenizer(tok_cfg)
+            tokenizer.load_state_dict(ckpt["ema"])
+            torch.manual_seed(tcfg.seed)
+            train_stage(2, discon.DisCon(model_cfg, tokenizer), data, tcfg, config, rank, world, device)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
