@@ -510,7 +510,6 @@ class DisCon(nn.Module):
         self.has_discrete = cfg.mode in ("discon", "discrete")
         self.has_continuous = cfg.mode in ("discon", "continuous")
         self.n_discrete = self.num_tokens if self.has_discrete else 0                     # positions before the c's
-        self.tokenizer = tokenizer.requires_grad_(False).eval()                           # frozen after stage 1
 
         self.class_embed = nn.Embedding(cfg.num_classes + 1, cfg.n_embd)                  # last row: the null class
         if self.has_discrete:
@@ -527,7 +526,9 @@ class DisCon(nn.Module):
                 nn.init.normal_(m.weight, std=0.02)
                 if getattr(m, "bias", None) is not None:
                     nn.init.zeros_(m.bias)
-        if self.has_continuous:  # created after the loop above so that its own zero-init stands
+        # Attached after the loop above, so that neither the trained codebook nor the head's zero-init is overwritten.
+        self.tokenizer = tokenizer.requires_grad_(False).eval()                           # frozen after stage 1
+        if self.has_continuous:
             self.diffusion_head = DiffusionHead(tcfg.latent_channels, cfg.n_embd, cfg.head_width, cfg.head_depth)
         self.diffusion = GaussianDiffusion(cfg.num_timesteps)
 

@@ -285,6 +285,15 @@ def test_training_step_calls_the_diffusion_head_once_on_all_tokens():
     assert calls == [2 * 3] * (5 * model.num_tokens)    # one call per diffusion step, for the whole (guided) batch
 
 
+def test_building_the_model_leaves_the_trained_tokenizer_untouched():
+    tokenizer = tiny_tokenizer()
+    before = {k: v.clone() for k, v in tokenizer.state_dict().items()}
+    for mode in discon.MODES:
+        model = DisCon(DisConConfig(mode=mode, **TINY_MODEL), tokenizer)
+        for k, v in model.tokenizer.state_dict().items():
+            assert torch.equal(v, before[k]), f"{mode}: building DisCon changed tokenizer.{k}"
+
+
 def test_tokenizer_is_frozen_inside_the_model():
     model = tiny_model().train()
     assert not model.tokenizer.training
