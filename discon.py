@@ -2,7 +2,8 @@
 
 A reference implementation of Zheng et al., "Rethinking Discrete Tokens: Treating Them as Conditions for Continuous
 Autoregressive Image Synthesis" (arXiv 2507.01756, ICCV 2025). An image has two views of one latent grid: the discrete
-VQ index grid d and the continuous latent grid c. The model samples d first, then c conditioned on d, and decodes only c:
+VQ index grid d and the continuous latent grid c. The model samples d first, then c conditioned on d, and decodes
+only c:
 
     p(c | y) = sum_d p(d | y) p(c | d, y)            y = class label
 
@@ -161,12 +162,13 @@ class Tokenizer(nn.Module):
         expected = (cfg.in_channels, cfg.image_size, cfg.image_size)
         if x.dim() != 4 or tuple(x.shape[1:]) != expected:
             raise ValueError(f"expected images of shape (B, {', '.join(map(str, expected))}), got {tuple(x.shape)}: "
-                             f"resize the images to {cfg.image_size}x{cfg.image_size} or build a tokenizer for their size")
+                             f"resize the images to {cfg.image_size}x{cfg.image_size} or build a tokenizer for their "
+                             f"size")
         if not x.is_floating_point():
             raise ValueError(f"expected float images in [-1, 1], got dtype {x.dtype}: convert with x / 127.5 - 1")
 
     def quantize(self, z):
-        """Nearest-code quantization of z (B, C, h, w). Returns the straight-through quantized grid, d and the VQ loss."""
+        """Nearest-code quantization of z (B, C, h, w) -> (straight-through quantized grid, d, VQ loss)."""
         B, C, h, w = z.shape
         flat = z.permute(0, 2, 3, 1).reshape(-1, C)                                      # (B*h*w, C)
         codes = self.codebook.weight
@@ -459,8 +461,8 @@ class Block(nn.Module):
         self.norm1 = nn.LayerNorm(cfg.n_embd)
         self.attn = CausalSelfAttention(cfg, layer)
         self.norm2 = nn.LayerNorm(cfg.n_embd)
-        self.mlp = nn.Sequential(nn.Linear(cfg.n_embd, 4 * cfg.n_embd), nn.GELU(), nn.Linear(4 * cfg.n_embd, cfg.n_embd),
-                                 nn.Dropout(cfg.dropout))
+        self.mlp = nn.Sequential(nn.Linear(cfg.n_embd, 4 * cfg.n_embd), nn.GELU(),
+                                 nn.Linear(4 * cfg.n_embd, cfg.n_embd), nn.Dropout(cfg.dropout))
 
     def forward(self, x, kv_cache=None):
         x = x + self.attn(self.norm1(x), kv_cache)
@@ -630,7 +632,8 @@ class DisCon(nn.Module):
                 token = self.sample_token(self.logits(h).float(), cfg, temperature, top_k, generator)
                 d[:, pos] = token.repeat(rows // B)
             else:
-                c[:, pos - self.n_discrete] = self.sample_latent(h, cfg, temperature, steps, generator).repeat(rows // B, 1)
+                latent = self.sample_latent(h, cfg, temperature, steps, generator)
+                c[:, pos - self.n_discrete] = latent.repeat(rows // B, 1)
 
         grid = (B, tcfg.grid_size, tcfg.grid_size)
         if self.cfg.mode == "discrete":
@@ -662,7 +665,8 @@ class DisCon(nn.Module):
 
         shape = (B, self.tokenizer.cfg.latent_channels)
         dtype = self.class_embed.weight.dtype  # the chain runs in the weights' precision, even under autocast
-        return self.diffusion.sample(eps_fn, shape, steps, temperature, generator, z.device, dtype, self.cfg.clip_latent)
+        return self.diffusion.sample(eps_fn, shape, steps, temperature, generator, z.device, dtype,
+                                     clip_x0=self.cfg.clip_latent)
 
 
 def build_model(tokenizer_config, model_config):
