@@ -73,9 +73,10 @@ def measure_mode(args, preset, mode, queue):
     queue.put((args.train_batch / train_s, args.sample_batch / sample_s, peak))
 
 
-def kv_cache_speedup(args, mode, batch=16, diffusion_steps=20):
-    """Cached generation vs recomputing the whole prefix at each step, quick preset (N = 64 tokens)."""
-    model = build("quick", mode, torch.device(args.device)).eval()
+def kv_cache_speedup(args, preset, mode, batch=16, diffusion_steps=20):
+    """Cached generation vs recomputing the whole prefix at each step (both presets have N = 64 tokens)."""
+    torch.set_num_threads(args.threads)
+    model = build(preset, mode, torch.device(args.device)).eval()
     labels = torch.arange(batch, device=args.device) % model.cfg.num_classes
     run = lambda cache: model.generate(labels, diffusion_steps=diffusion_steps, use_kv_cache=cache,
                                        generator=torch.Generator(args.device).manual_seed(0))
@@ -113,7 +114,7 @@ def main():
     parser.add_argument("--fid-weights", default=None, help="Inception weights for fid.py (default: its download)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    name = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU, {args.threads} threads"
+    name = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU, {args.threads} thread(s)"
     print(f"# bench.py on {name}, torch {torch.__version__}, bf16={args.bf16}, compile={args.compile}")
     steps = args.diffusion_steps or "the preset's"
     print(f"# train batch {args.train_batch}, sample batch {args.sample_batch} (cfg 2.0, {steps} diffusion steps)\n")
@@ -130,12 +131,13 @@ def main():
             child.join()
             print(f"| {preset} | {mode} | {train_ips:.1f} | {sample_ips:.2f} | {peak:.0f} |", flush=True)
 
-    print("\n| KV cache, quick preset, N = 64, batch 16 | cached (s) | recomputed (s) | speed-up |")
+    print("\n| KV cache, N = 64, batch 16 | cached (s) | recomputed (s) | speed-up |")
     print("|---|---|---|---|")
-    for mode in ("discrete", "discon"):
-        fast, slow = kv_cache_speedup(args, mode)
-        note = " (20 diffusion steps)" if mode == "discon" else ""
-        print(f"| {mode}{note} | {fast:.2f} | {slow:.2f} | {slow / fast:.1f}x |", flush=True)
+    for preset in args.presets.split(","):
+        for mode in [m for m in ("discrete", "discon") if m in args.modes.split(",")]:
+            fast, slow = kv_cache_speedup(args, preset, mode)
+            note = " (20 diffusion steps)" if mode == "discon" else ""
+            print(f"| {preset}, {mode}{note} | {fast:.2f} | {slow:.2f} | {slow / fast:.1f}x |", flush=True)
 
     if args.fid_images:
         images_per_s, speedup = fid_speed(args)

@@ -601,16 +601,22 @@ class DisCon(nn.Module):
     # -- sampling --------------------------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def generate(self, y, cfg=1.0, temperature=1.0, top_k=0, diffusion_steps=None, generator=None, use_kv_cache=True):
+    def generate(self, y, cfg=1.0, temperature=1.0, top_k=0, diffusion_steps=None, generator=None, use_kv_cache=True,
+                 codes=None):
         """Sample images (B, 3, H, W) uint8 for labels y (B,): d token by token, then c token by token, then decode.
 
         cfg: guidance scale on the logits (phase 1) and on the head's eps (phase 2); 1 means no guidance.
         temperature: divides the logits, and scales the diffusion noise (MAR). top_k: 0 keeps every code.
         use_kv_cache=False recomputes the whole prefix at every step: the slow path the tests compare against.
+        codes: "discon" mode only, a discrete grid (B, h, w) to condition on instead of sampling d: p(c | d, y) alone.
         """
         self.check_labels(y)
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
+        g = self.tokenizer.cfg.grid_size
+        if codes is not None and (self.cfg.mode != "discon" or tuple(codes.shape) != (len(y), g, g)):
+            raise ValueError(f"codes must be a (B, {g}, {g}) grid for a discon-mode model, got {tuple(codes.shape)} "
+                             f"in mode {self.cfg.mode!r}")
         was_training = self.training
         self.eval()
         B, N = len(y), self.num_tokens
@@ -624,8 +630,14 @@ class DisCon(nn.Module):
         d = torch.zeros(rows, N, dtype=torch.long, device=device)
         c = torch.zeros(rows, N, tcfg.latent_channels, dtype=dtype, device=device)
         cache = self.transformer.new_cache() if use_kv_cache else None
+        first = 0
+        if codes is not None:  # the discrete phase is given: fill it in (and the cache) instead of sampling it
+            d[:] = codes.flatten(1).repeat(rows // B, 1)
+            first = self.n_discrete
+            if use_kv_cache:
+                self.transformer(self.embed(labels, c, d, end=first), cache)
 
-        for pos in range(self.transformer.block_size):  # the output at `pos` predicts token pos + 1
+        for pos in range(first, self.transformer.block_size):  # the output at `pos` predicts token pos + 1
             x = self.embed(labels, c, d, start=pos if use_kv_cache else 0, end=pos + 1)
             h = self.transformer(x, cache)[:, -1]                                        # (rows, D)
             if pos < self.n_discrete:

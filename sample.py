@@ -20,6 +20,7 @@ from PIL import Image
 from tqdm import tqdm
 
 import discon
+import train
 from train import derived_seed, fail, print0, save_grid, setup_distributed
 
 
@@ -37,6 +38,9 @@ def main(argv=None):
     p.add_argument("--diffusion-steps", type=int, default=None, help="default: the model config's diffusion_steps")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of their EMA")
+    p.add_argument("--real-codes", action="store_true",
+                   help="discon mode: condition on the discrete grids (and labels) of the first --num-images training "
+                        "images instead of sampling d, which measures the continuous stage p(c | d, y) alone")
     p.add_argument("--save-pngs", action="store_true", help="also write one PNG per image")
     p.add_argument("--fid-ref", default="", help="reference statistics .npz (fid.py --save-stats) for FID")
     p.add_argument("--fid-mode", default="pytorch-fid", help="fid.py preprocessing; must match the reference's")
@@ -68,7 +72,14 @@ def generate(args, rank, world, device):
     model.to(device).eval()
     num_classes = model.cfg.num_classes
 
-    if args.labels:  # the given classes, repeated to the requested number of images
+    real_images = None
+    if args.real_codes:  # the training images whose discrete grids condition the continuous stage
+        if model.cfg.mode != "discon":
+            fail(f"--real-codes needs a discon-mode model, this one is {model.cfg.mode!r}")
+        data = ckpt["config"]["train"]
+        real_images, labels, _ = train.load_dataset(data["dataset"], data["data_dir"], model.tokenizer.cfg.image_size)
+        real_images, labels = real_images[:args.num_images], np.asarray(labels[:args.num_images])
+    elif args.labels:  # the given classes, repeated to the requested number of images
         if min(args.labels) < 0 or max(args.labels) >= num_classes:
             fail(f"--labels must be class ids in [0, {num_classes})")
         labels = np.resize(args.labels, args.num_images)
@@ -85,9 +96,13 @@ def generate(args, rank, world, device):
     for b in tqdm(range(rank, len(batches), world), desc="sampling", disable=rank != 0):
         y = torch.from_numpy(labels[batches[b]]).to(device)
         generator = torch.Generator(device).manual_seed(derived_seed(args.seed, b))
+        codes = None
+        if real_images is not None:
+            x = train.to_model_input(real_images[batches[b]], device, model.tokenizer.cfg.image_size)
+            codes = model.tokenizer.encode(x)[1]
         with autocast:
             images = model.generate(y, cfg=args.cfg, temperature=args.temperature, top_k=args.top_k,
-                                    diffusion_steps=args.diffusion_steps, generator=generator)
+                                    diffusion_steps=args.diffusion_steps, generator=generator, codes=codes)
         mine.append((b, images.permute(0, 2, 3, 1).cpu().numpy()))                     # (B, H, W, 3) uint8
     if world > 1:  # collect every process's batches on all of them (NCCL has no gather to one rank of objects)
         gathered = [None] * world
@@ -129,7 +144,6 @@ def fid_or_fail(args, images, device):
 @torch.no_grad()
 def reconstruct(args, ckpt, rank, device):
     """Stage 1: the first --num-images training images through decode(c) and decode_codes(d), and their rFID."""
-    import train
     tokenizer = discon.Tokenizer(discon.TokenizerConfig(**ckpt["config"]["tokenizer"]))
     tokenizer.load_state_dict(ckpt["model" if args.no_ema else "ema"])
     tokenizer.to(device).eval()

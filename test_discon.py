@@ -369,6 +369,21 @@ def test_generate_with_kv_cache_equals_the_slow_path(mode):
     assert torch.equal(fast, slow)
 
 
+def test_generate_conditioned_on_given_codes_matches_the_slow_path_and_keeps_them():
+    model = tiny_model("discon").double()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    codes = model.tokenizer.encode(images(2).double())[1]
+    y = torch.tensor([1, 4])
+    fast = model.generate(y, cfg=1.5, codes=codes, generator=torch.Generator().manual_seed(0))
+    slow = model.generate(y, cfg=1.5, codes=codes, generator=torch.Generator().manual_seed(0), use_kv_cache=False)
+    free = model.generate(y, cfg=1.5, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(fast, slow) and not torch.equal(fast, free)
+    with pytest.raises(ValueError, match="codes must be"):
+        tiny_model("continuous").generate(y, codes=codes)
+
+
 def test_generate_works_under_bf16_autocast():
     model = tiny_model("discon")
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -1005,6 +1020,13 @@ def test_sample_reconstructs_both_views_from_a_tokenizer_checkpoint(tmp_path, tr
     assert np.load(tmp_path / "continuous_12.npz")["arr_0"].shape == (12, 16, 16, 3)
     out = capsys.readouterr().out
     assert "rFID 3.000 (continuous view" in out and "rFID 7.000 (discrete view" in out
+
+
+def test_sample_real_codes_keeps_the_training_labels(tmp_path, trained, fast_shapes):
+    sample.main([str(trained / "model.pt"), "--real-codes", "--num-images", "4", "--out", str(tmp_path)])
+    written = np.load(tmp_path / "samples_4x16x16x3.npz")
+    assert written["arr_0"].shape == (4, 16, 16, 3)
+    assert np.array_equal(written["labels"], train.load_dataset("shapes", "data", 16)[1][:4])
 
 
 @pytest.mark.parametrize("script, argv, message", [
