@@ -64,7 +64,7 @@ def generate(args, rank, world, device):
     if not isinstance(ckpt, dict):
         fail(f"{args.checkpoint} is not a checkpoint of train.py (model.pt or tokenizer.pt)")
     if ckpt.get("stage") == 1:
-        return reconstruct(args, ckpt, rank, device) if rank == 0 else None
+        return reconstruct(args, ckpt, device) if rank == 0 else None
     if ckpt.get("stage") != 2:
         fail(f"{args.checkpoint} is not a checkpoint of train.py (model.pt or tokenizer.pt)")
     model = discon.build_model(ckpt["config"]["tokenizer"], ckpt["config"]["model"])
@@ -142,7 +142,7 @@ def fid_or_fail(args, images, device):
 
 
 @torch.no_grad()
-def reconstruct(args, ckpt, rank, device):
+def reconstruct(args, ckpt, device):
     """Stage 1: the first --num-images training images through decode(c) and decode_codes(d), and their rFID."""
     tokenizer = discon.Tokenizer(discon.TokenizerConfig(**ckpt["config"]["tokenizer"]))
     tokenizer.load_state_dict(ckpt["model" if args.no_ema else "ema"])
