@@ -1,7 +1,7 @@
 """
 Generate images from a stage-2 checkpoint (train.py's model.pt): a PNG grid, an .npz in the ADM evaluator's format
 (arr_0: N x H x W x 3 uint8, and labels), optionally one PNG per image, and optionally FID through fid.py.
-  python sample.py out/model.pt --num-images 100 --cfg 2.0
+  python sample.py out/model.pt --num-images 100 --guidance 2.0
   python sample.py out/model.pt --labels 3,7 --num-images 16 --save-pngs
   torchrun --nproc_per_node 8 sample.py runs/in64/model.pt --num-images 50000 --batch-size 250 --fid-ref ref.npz
 Batch b is drawn with a seed derived from (--seed, b), so the images do not depend on the number of processes.
@@ -32,7 +32,10 @@ def main(argv=None):
     p.add_argument("--labels", type=lambda s: [int(v) for v in s.split(",")], default=None,
                    help="comma-separated class ids, repeated to --num-images (default: every class equally often)")
     p.add_argument("--batch-size", type=int, default=100)
-    p.add_argument("--cfg", type=float, default=1.0, help="classifier-free guidance scale; 1 = none")
+    p.add_argument("--guidance", type=float, default=1.0,
+                   help="classifier-free guidance scale of both phases (1 = none), unless the next flag is given")
+    p.add_argument("--guidance-continuous", type=float, default=None,
+                   help="the guidance scale of the continuous phase alone (discon and continuous modes)")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0, help="0 = sample from every code")
     p.add_argument("--diffusion-steps", type=int, default=None, help="default: the model config's diffusion_steps")
@@ -101,7 +104,7 @@ def generate(args, rank, world, device):
             x = train.to_model_input(real_images[batches[b]], device, model.tokenizer.cfg.image_size)
             codes = model.tokenizer.encode(x)[1]
         with autocast:
-            images = model.generate(y, cfg=args.cfg, temperature=args.temperature, top_k=args.top_k,
+            images = model.generate(y, args.guidance, args.guidance_continuous, temperature=args.temperature, top_k=args.top_k,
                                     diffusion_steps=args.diffusion_steps, generator=generator, codes=codes)
         mine.append((b, images.permute(0, 2, 3, 1).cpu().numpy()))                     # (B, H, W, 3) uint8
     if world > 1:  # collect every process's batches on all of them (NCCL has no gather to one rank of objects)
@@ -126,10 +129,20 @@ def generate(args, rank, world, device):
         for i, (image, label) in enumerate(zip(images, labels)):
             Image.fromarray(image).save(os.path.join(out, "images", f"{i:06d}_class{label}.png"))
     print0(f"wrote {npz} and {os.path.join(out, 'grid.png')}")
+    if ckpt["config"]["train"]["dataset"] == "shapes":
+        print_class_accuracy(images, labels, args.checkpoint, "samples")
     if args.fid_ref:
         score = fid_or_fail(args, images, device)
         print0(f"FID {score:.3f} ({n} samples vs {args.fid_ref}, fid.py mode={args.fid_mode}, "
-               f"cfg={args.cfg}, temperature={args.temperature}, {'raw' if args.no_ema else 'EMA'} weights)")
+               f"guidance={args.guidance}/{args.guidance_continuous or args.guidance}, temperature={args.temperature}, {'raw' if args.no_ema else 'EMA'} weights)")
+
+
+def print_class_accuracy(images, labels, checkpoint, what):
+    """The shapes judge's verdict (train.shape_judge, cached beside the checkpoint): overall and per class."""
+    judge = train.shape_judge(images.shape[1], cache_dir=os.path.dirname(os.path.abspath(checkpoint)))
+    overall, per_class = train.class_accuracy(judge, images, labels)
+    print0(f"class accuracy {100 * overall:.1f}% ({what}, {len(images)} images; per class: "
+           + ", ".join(f"{name} {100 * a:.0f}%" for name, a in per_class.items()) + ")")
 
 
 def fid_or_fail(args, images, device):
@@ -148,7 +161,8 @@ def reconstruct(args, ckpt, device):
     tokenizer.load_state_dict(ckpt["model" if args.no_ema else "ema"])
     tokenizer.to(device).eval()
     data = ckpt["config"]["train"]
-    originals = train.load_dataset(data["dataset"], data["data_dir"], tokenizer.cfg.image_size)[0][:args.num_images]
+    originals, labels, _ = train.load_dataset(data["dataset"], data["data_dir"], tokenizer.cfg.image_size)
+    originals, labels = originals[:args.num_images], labels[:args.num_images]
     views = {"continuous": [], "discrete": []}
     for i in tqdm(range(0, len(originals), args.batch_size), desc="reconstructing"):
         c, d = tokenizer.encode(train.to_model_input(originals[i:i + args.batch_size], device, tokenizer.cfg.image_size))
@@ -161,6 +175,8 @@ def reconstruct(args, ckpt, device):
         images = np.concatenate(parts)
         np.savez(os.path.join(out, f"{name}_{len(images)}.npz"), arr_0=images)
         rows.append(images[:10])
+        if data["dataset"] == "shapes":
+            print_class_accuracy(images, labels, args.checkpoint, f"{name} reconstructions")
         if args.fid_ref:
             print0(f"rFID {fid_or_fail(args, images, device):.3f} ({name} view, {len(images)} training images vs "
                    f"{args.fid_ref}, fid.py mode={args.fid_mode})")

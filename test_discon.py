@@ -276,12 +276,12 @@ def test_model_rebuilds_from_its_saved_configs():
 
 def test_training_step_calls_the_diffusion_head_once_on_all_tokens():
     model = tiny_model("discon").train()
-    calls = []
-    model.diffusion_head.register_forward_hook(lambda m, args, out: calls.append(args[0].shape[0]))
+    calls, predict = [], model.diffusion_head.predict
+    model.diffusion_head.predict = lambda x_t, cond: calls.append(len(x_t)) or predict(x_t, cond)
     model(images(3), torch.tensor([0, 1, 2]))
     assert calls == [3 * model.num_tokens * model.cfg.diffusion_batch_mul]
     calls.clear()
-    model.generate(torch.tensor([0, 1, 2]), cfg=2.0, diffusion_steps=5)
+    model.generate(torch.tensor([0, 1, 2]), guidance=2.0, diffusion_steps=5)
     assert calls == [2 * 3] * (5 * model.num_tokens)    # one call per diffusion step, for the whole (guided) batch
 
 
@@ -349,9 +349,9 @@ def test_generate_reproduces_a_memorised_batch(mode):
 def test_generate_returns_seeded_uint8_images(mode):
     model = tiny_model(mode)
     y = torch.tensor([0, 3, 9])
-    a = model.generate(y, cfg=2.0, top_k=8, generator=torch.Generator().manual_seed(7))
-    b = model.generate(y, cfg=2.0, top_k=8, generator=torch.Generator().manual_seed(7))
-    c = model.generate(y, cfg=2.0, top_k=8, generator=torch.Generator().manual_seed(8))
+    a = model.generate(y, guidance=2.0, top_k=8, generator=torch.Generator().manual_seed(7))
+    b = model.generate(y, guidance=2.0, top_k=8, generator=torch.Generator().manual_seed(7))
+    c = model.generate(y, guidance=2.0, top_k=8, generator=torch.Generator().manual_seed(8))
     assert a.dtype == torch.uint8 and a.shape == (3, 3, 16, 16)
     assert torch.equal(a, b) and not torch.equal(a, c)
 
@@ -364,8 +364,8 @@ def test_generate_with_kv_cache_equals_the_slow_path(mode):
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
     y = torch.tensor([1, 4])
-    fast = model.generate(y, cfg=1.5, generator=torch.Generator().manual_seed(0))
-    slow = model.generate(y, cfg=1.5, generator=torch.Generator().manual_seed(0), use_kv_cache=False)
+    fast = model.generate(y, guidance=1.5, generator=torch.Generator().manual_seed(0))
+    slow = model.generate(y, guidance=1.5, generator=torch.Generator().manual_seed(0), use_kv_cache=False)
     assert torch.equal(fast, slow)
 
 
@@ -376,9 +376,9 @@ def test_generate_conditioned_on_given_codes_matches_the_slow_path_and_keeps_the
             p.add_(0.05 * torch.randn_like(p))
     codes = model.tokenizer.encode(images(2).double())[1]
     y = torch.tensor([1, 4])
-    fast = model.generate(y, cfg=1.5, codes=codes, generator=torch.Generator().manual_seed(0))
-    slow = model.generate(y, cfg=1.5, codes=codes, generator=torch.Generator().manual_seed(0), use_kv_cache=False)
-    free = model.generate(y, cfg=1.5, generator=torch.Generator().manual_seed(0))
+    fast = model.generate(y, guidance=1.5, codes=codes, generator=torch.Generator().manual_seed(0))
+    slow = model.generate(y, guidance=1.5, codes=codes, generator=torch.Generator().manual_seed(0), use_kv_cache=False)
+    free = model.generate(y, guidance=1.5, generator=torch.Generator().manual_seed(0))
     assert torch.equal(fast, slow) and not torch.equal(fast, free)
     with pytest.raises(ValueError, match="codes must be"):
         tiny_model("continuous").generate(y, codes=codes)
@@ -387,7 +387,7 @@ def test_generate_conditioned_on_given_codes_matches_the_slow_path_and_keeps_the
 def test_generate_works_under_bf16_autocast():
     model = tiny_model("discon")
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = model.generate(torch.tensor([0, 1]), cfg=2.0, generator=torch.Generator().manual_seed(0))
+        out = model.generate(torch.tensor([0, 1]), guidance=2.0, generator=torch.Generator().manual_seed(0))
         loss = model(images(2), torch.tensor([0, 1]))["loss"]
     assert out.dtype == torch.uint8 and out.shape == (2, 3, 16, 16) and torch.isfinite(loss)
 
