@@ -5,6 +5,7 @@ import functools
 import glob
 import hashlib
 import importlib.util
+import inspect
 import io
 import json
 import math
@@ -53,6 +54,28 @@ def images(batch=4, seed=0, size=16):
     return torch.rand(batch, 3, size, size, generator=g) * 2 - 1
 
 
+def spy(obj, name):
+    """Make obj.<name> record the arguments of every call (by parameter name, tensors copied) before running as usual.
+    Returns the list of records; `del obj.<name>` restores the method."""
+    method, calls = getattr(obj, name), []
+    signature = inspect.signature(method)
+
+    def recorded(*args, **kwargs):
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        calls.append({k: v.clone() if torch.is_tensor(v) else v for k, v in bound.arguments.items()})
+        return method(*args, **kwargs)
+    setattr(obj, name, recorded)
+    return calls
+
+
+def transformer_outputs(model):
+    """The list that will hold the output h of each call of model.transformer."""
+    outputs = []
+    model.transformer.register_forward_hook(lambda module, inputs, output: outputs.append(output))
+    return outputs
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Transformer
 
@@ -77,6 +100,42 @@ def test_kv_cache_matches_full_forward():
     prefill = model.transformer(x[:, :7], cache)               # several positions at once, then one at a time
     steps = [model.transformer(x[:, i: i + 1], cache) for i in range(7, L)]
     torch.testing.assert_close(torch.cat([prefill] + steps, dim=1), full, rtol=0, atol=1e-5)
+
+
+def test_kv_cache_accepts_several_new_positions_after_a_prefix():
+    model = tiny_model()
+    L = model.transformer.block_size
+    x = torch.randn(2, L, 32)
+    full = model.transformer(x)
+    cache = model.transformer.new_cache()
+    chunks = [model.transformer(x[:, a:b], cache) for a, b in [(0, 5), (5, 9), (9, 10), (10, L)]]
+    torch.testing.assert_close(torch.cat(chunks, dim=1), full, rtol=0, atol=1e-5)
+
+
+def test_causal_attention_matches_a_slow_loop_over_positions():
+    torch.manual_seed(0)
+    attn = discon.CausalSelfAttention(DisConConfig(n_head=2, n_embd=8), layer=0)
+    x = torch.randn(2, 5, 8)
+    q, k, v = attn.qkv(x).detach().split(8, dim=2)            # (B, T, D) each; head h owns channels 4h .. 4h + 3
+    out = torch.zeros(2, 5, 8)
+    for b in range(2):
+        for h in range(2):
+            s = slice(4 * h, 4 * h + 4)
+            for i in range(5):                                # position i attends to positions 0 .. i
+                scores = torch.stack([q[b, i, s] @ k[b, j, s] / math.sqrt(4) for j in range(i + 1)])
+                weights = torch.softmax(scores, dim=0)
+                out[b, i, s] = sum(weights[j] * v[b, j, s] for j in range(i + 1))
+    torch.testing.assert_close(attn(x), attn.proj(out), rtol=0, atol=1e-6)
+
+
+def test_causal_attention_drops_attention_weights_in_training_only():
+    torch.manual_seed(0)
+    attn = discon.CausalSelfAttention(DisConConfig(n_head=2, n_embd=8, dropout=0.5), layer=0)
+    without_dropout = discon.CausalSelfAttention(DisConConfig(n_head=2, n_embd=8, dropout=0.0), layer=0)
+    without_dropout.load_state_dict(attn.state_dict())
+    x = torch.randn(2, 5, 8)
+    assert torch.equal(attn.eval()(x), without_dropout(x))
+    assert not torch.allclose(attn.train()(x), without_dropout(x))
 
 
 def test_transformer_rejects_sequences_longer_than_its_block_size():
@@ -129,6 +188,113 @@ def test_continuous_and_discrete_modes_drop_the_other_half_of_the_sequence():
         assert hasattr(model, "logits") == (mode == "discrete")
 
 
+def test_sequence_tokens_are_the_grids_in_raster_order():
+    model = tiny_model()
+    g = model.tokenizer.cfg.grid_size
+    c, d = torch.randn(2, 4, g, g), torch.randint(0, 32, (2, g, g))
+    c_tokens, d_tokens = model.tokens((c, d))                 # (B, N, C), (B, N)
+    for row in range(g):
+        for col in range(g):
+            assert torch.equal(c_tokens[:, row * g + col], c[:, :, row, col])
+            assert torch.equal(d_tokens[:, row * g + col], d[:, row, col])
+
+
+@pytest.mark.parametrize("mode", discon.MODES)
+def test_sequence_embedding_is_class_then_codes_then_latents(mode):
+    model = tiny_model(mode).eval()
+    c, d = model.tokens(model.tokenizer.encode(images(2)))
+    y = torch.tensor([1, 2])
+    N, L = model.num_tokens, model.transformer.block_size
+    parts = [model.class_embed(y)[:, None]]                           # position 0: the class
+    parts += [model.token_embed(d)] if mode != "continuous" else []   # then d_1 .. d_N
+    parts += [model.latent_proj(c)] if mode != "discrete" else []     # then c_1 .. c_N
+    expected = torch.cat(parts, dim=1)[:, :L]                         # the last token is never an input
+    if mode == "discon":
+        expected[:, N:] += model.align_embed(d)                       # the position that predicts c_i carries d_i
+    full = model.embed(y, c, d)
+    torch.testing.assert_close(full, expected, rtol=0, atol=1e-6)
+    for start, end in [(0, 1), (0, 5), (3, L // 2 + 2), (L // 2 - 1, L // 2 + 1), (L // 2, L // 2 + 1), (L - 3, L)]:
+        torch.testing.assert_close(model.embed(y, c, d, start, end), full[:, start:end], rtol=0, atol=1e-6)  # sampling
+
+
+@pytest.mark.parametrize("mode", ["discon", "discrete"])
+def test_sequence_cross_entropy_predicts_d_i_from_the_output_before_it(mode):
+    model = tiny_model(mode, label_drop=0.0)
+    c, d = model.tokenizer.encode(images(3))
+    outputs = transformer_outputs(model)
+    terms = model((c, d), torch.tensor([0, 1, 2]))
+    h, N = outputs[0], model.num_tokens
+    expected = F.cross_entropy(model.logits(h[:, :N]).flatten(0, 1), d.flatten())  # output j predicts d_(j+1)
+    torch.testing.assert_close(terms["ce"], expected)
+
+
+@pytest.mark.parametrize("mode", ["discon", "continuous"])
+def test_sequence_diffusion_loss_pairs_c_i_with_the_output_before_it(mode):
+    model = tiny_model(mode, label_drop=0.0)
+    c, d = model.tokenizer.encode(images(3))
+    outputs, given = transformer_outputs(model), spy(model.diffusion, "loss")
+    model((c, d), torch.tensor([0, 1, 2]))
+    x0, cond = given[0]["x0"], given[0]["cond"]                  # (M, C), (M, D): the rows the head is trained on
+    tokens = model.tokens((c, d))[0].flatten(0, 1)              # (B*N, C): c_i of each image
+    conditions = outputs[0][:, model.n_discrete:].flatten(0, 1)  # (B*N, D): the outputs that must predict them
+    which = (x0[:, None] - tokens[None]).abs().amax(-1).argmin(1)  # the c_i that each training row holds
+    assert torch.equal(x0, tokens[which]) and torch.equal(cond, conditions[which])
+    mul = model.cfg.diffusion_batch_mul                          # and every c_i appears diffusion_batch_mul times
+    assert torch.equal(torch.bincount(which, minlength=len(tokens)), torch.full((len(tokens),), mul))
+
+
+# Label dropout (the training half of classifier-free guidance): the class and grid each training row is shown.
+
+
+def label_dropout_step(model, batch):
+    """One training step of `model` on random grids: what it was given, what the transformer was shown, its losses."""
+    g = model.tokenizer.cfg.grid_size
+    draw = torch.Generator().manual_seed(1)
+    c, d = torch.randn(batch, 4, g, g, generator=draw), torch.randint(0, 32, (batch, g, g), generator=draw)
+    y = torch.randint(0, 10, (batch,), generator=draw)
+    shown = spy(model, "embed")
+    terms = model((c, d), y, torch.Generator().manual_seed(0))
+    return types.SimpleNamespace(y=y, d=d.flatten(1), y_shown=shown[0]["y"], d_shown=shown[0]["d"], terms=terms)
+
+
+@pytest.mark.parametrize("mode", discon.MODES)
+def test_label_dropout_replaces_the_class_by_the_null_class_at_its_rate(mode):
+    model = tiny_model(mode, label_drop=0.2, diffusion_batch_mul=1).train()
+    step = label_dropout_step(model, 2000)
+    dropped = step.y_shown == model.null_class
+    rate = 2 * 0.2 if mode == "discon" else 0.2   # discon: p of the rows lose the class alone, p the whole condition
+    assert abs(dropped.float().mean() - rate) < 0.05                 # 4.5 standard deviations
+    assert torch.equal(step.y_shown[~dropped], step.y[~dropped])
+
+
+@pytest.mark.parametrize("mode", ["discon", "discrete"])
+def test_label_dropout_replaces_the_whole_grid_by_null_codes_in_discon_mode_only(mode):
+    model = tiny_model(mode, label_drop=0.2, diffusion_batch_mul=1).train()
+    step = label_dropout_step(model, 2000)
+    null = step.d_shown == model.null_code                          # (B, N)
+    grid_dropped = null.all(1)
+    assert torch.equal(null.any(1), grid_dropped)                    # a grid is dropped whole or not at all
+    assert torch.equal(step.d_shown[~grid_dropped], step.d[~grid_dropped])
+    assert abs(grid_dropped.float().mean() - (0.2 if mode == "discon" else 0.0)) < 0.05
+    assert (step.y_shown[grid_dropped] == model.null_class).all()    # and always together with the class
+
+
+def test_label_dropout_is_off_in_eval_mode():
+    step = label_dropout_step(tiny_model("discon", label_drop=0.5).eval(), 64)
+    assert torch.equal(step.y_shown, step.y) and torch.equal(step.d_shown, step.d)
+
+
+def test_label_dropout_rows_without_their_grid_add_no_cross_entropy():
+    # such a row has no real d to predict: the mean runs over the tokens of the other rows only
+    model = tiny_model("discon", label_drop=0.25).train()
+    outputs = transformer_outputs(model)
+    step = label_dropout_step(model, 64)
+    kept = (step.d_shown != model.null_code).all(1)
+    assert 0 < kept.sum() < 64
+    logits = model.logits(outputs[0][kept, :model.num_tokens])       # (kept rows, N, K)
+    torch.testing.assert_close(step.terms["ce"], F.cross_entropy(logits.flatten(0, 1), step.d[kept].flatten()))
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Gaussian diffusion
 
@@ -142,6 +308,16 @@ def test_diffusion_schedule_tables_are_consistent():
     # the cosine schedule's closed form, abar(t) = f(t) / f(0) with f(t) = cos((t/T + s) / (1 + s) * pi / 2)^2
     f = lambda t: math.cos((t / 1000 + 0.008) / 1.008 * math.pi / 2) ** 2
     assert abs(float(abar[499]) - f(500) / f(0)) < 1e-12
+
+
+def test_cosine_schedule_matches_its_closed_form_at_every_step():
+    # the product of the alphas telescopes: abar_t = f(t + 1) / f(0), f as above (t counted from 0 here); only the last
+    # beta, exactly 1, is clipped, to 0.999
+    abar = GaussianDiffusion(1000).alphas_cumprod
+    f = lambda t: math.cos((t / 1000 + 0.008) / 1.008 * math.pi / 2) ** 2
+    expected = torch.tensor([f(t + 1) / f(0) for t in range(999)], dtype=torch.float64)
+    torch.testing.assert_close(abar[:999], expected, rtol=1e-10, atol=0)
+    torch.testing.assert_close(abar[999], abar[998] * (1 - 0.999), rtol=1e-10, atol=0)
 
 
 def test_respaced_chain_has_the_requested_number_of_steps():
@@ -164,6 +340,35 @@ def test_q_sample_matches_its_closed_form():
     torch.testing.assert_close(diffusion.q_sample(x0, t, noise), abar.sqrt() * x0 + (1 - abar).sqrt() * noise)
 
 
+def eps_oracle(diffusion, x0):
+    """The perfect eps-prediction network for data x0: the eps that explains x_t exactly, (x_t - sqrt(abar) x0) /
+    sqrt(1 - abar). Takes (x_t, t) like a sampler's eps_fn, or (x_t, t, cond) like a model in training."""
+    def eps(x_t, t, cond=None):
+        abar = diffusion.alphas_cumprod[t].to(x_t.dtype)[:, None]
+        return (x_t - abar.sqrt() * x0) / (1 - abar).sqrt()
+    return eps
+
+
+def test_diffusion_loss_is_zero_for_an_exact_eps_predictor():
+    diffusion = GaussianDiffusion(1000)
+    x0 = torch.randn(4096, 2, dtype=torch.float64)
+    loss = diffusion.loss(eps_oracle(diffusion, x0), x0, torch.zeros(4096, 1), torch.Generator().manual_seed(0))
+    assert loss < 1e-6
+
+
+def test_diffusion_loss_draws_one_uniform_timestep_per_row():
+    diffusion = GaussianDiffusion(1000)
+    x0, seen = torch.zeros(20000, 1), []
+
+    def model(x_t, t, cond):
+        seen.append(t)
+        return torch.zeros_like(x_t)
+    diffusion.loss(model, x0, x0, torch.Generator().manual_seed(0))
+    t = seen[0]
+    assert t.shape == (20000,) and t.min() == 0 and t.max() == 999   # every step of 0 .. T - 1 is drawn ...
+    assert abs(t.float().mean() - 499.5) < 10                        # ... uniformly (the mean's std is 2)
+
+
 @pytest.mark.parametrize("steps", [1, 7, 100])
 def test_sampling_with_an_exact_eps_oracle_returns_x0(steps):
     diffusion = GaussianDiffusion(1000)
@@ -178,10 +383,71 @@ def test_sampling_with_an_exact_eps_oracle_returns_x0(steps):
     torch.testing.assert_close(out, x0, rtol=0, atol=1e-8)
 
 
+def test_reverse_chain_with_an_exact_eps_oracle_keeps_the_forward_marginals():
+    # With an exact eps, each reverse step draws x_t' from q(x_t' | x_t, x0), so at every visited t the chain's x_t
+    # must be distributed as q(x_t | x0) = N(sqrt(abar_t) x0, 1 - abar_t); checked on 20,000 chains of one x0
+    diffusion = GaussianDiffusion(1000)
+    x0 = torch.full((20000, 1), 0.8, dtype=torch.float64)
+    oracle, visited = eps_oracle(diffusion, x0), {}
+
+    def eps_fn(x_t, t):
+        visited[int(t[0])] = x_t
+        return oracle(x_t, t)
+    diffusion.sample(eps_fn, x0.shape, 10, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    assert len(visited) == 10
+    for t, x in visited.items():
+        abar = float(diffusion.alphas_cumprod[t])
+        assert abs(float(x.mean()) - math.sqrt(abar) * 0.8) < 0.03 * math.sqrt(1 - abar), t
+        assert abs(float(x.std()) / math.sqrt(1 - abar) - 1) < 0.03, t
+
+
+def test_reverse_chain_temperature_scales_only_the_noise_added_by_each_step():
+    diffusion = GaussianDiffusion(1000)
+
+    def run(temperature):  # with an eps linear in x_t, the chain's output is linear in its noise draws
+        visited = []
+        out = diffusion.sample(lambda x_t, t: visited.append(x_t) or 0.3 * x_t, (5, 3), 6, temperature,
+                               torch.Generator().manual_seed(0), dtype=torch.float64)
+        return visited[0], out
+    (start_1, out_1), (start_half, out_half), (_, out_0) = run(1.0), run(0.5), run(0.0)
+    assert torch.equal(start_half, start_1)                                  # the chain starts from N(0, I) (MAR)
+    torch.testing.assert_close(out_half - out_0, 0.5 * (out_1 - out_0))      # the noise of each step is scaled
+    assert (out_1 - out_0).abs().min() > 1e-3
+
+
+def test_reverse_chain_clamps_its_estimate_of_x0_not_x_t():
+    diffusion = GaussianDiffusion(1000)
+    x0 = torch.full((1000, 1), 3.0, dtype=torch.float64)                    # beyond the clamp at 1
+    oracle, visited = eps_oracle(diffusion, x0), []
+    out = diffusion.sample(lambda x_t, t: visited.append(x_t) or oracle(x_t, t), x0.shape, 10,
+                           generator=torch.Generator().manual_seed(0), dtype=torch.float64, clip_x0=1.0)
+    torch.testing.assert_close(out, torch.ones_like(out))     # each step's estimate of x0 (3) is clamped to 1 ...
+    assert max(float(x.abs().max()) for x in visited) > 2      # ... but x_t, noise included, is not
+
+
 def test_diffusion_head_outputs_exactly_zero_at_initialisation():
     head = discon.DiffusionHead(channels=4, cond_dim=32, width=32, depth=2)
     out = head(torch.randn(8, 4), torch.randint(0, 1000, (8,)), torch.randn(8, 32))
     assert out.shape == (8, 4) and (out == 0).all()
+
+
+def test_diffusion_head_matches_mars_adaln_equations():
+    torch.manual_seed(0)
+    head = discon.DiffusionHead(channels=4, cond_dim=8, width=16, depth=2, frequency_dim=16)
+    with torch.no_grad():
+        for p in head.parameters():
+            p.normal_(0, 0.3)                    # the zero-initialised layers would hide most of the head
+    x_t, t, z = torch.randn(5, 4), torch.tensor([0, 3, 250, 500, 999]), torch.randn(5, 8)
+    freqs = torch.exp(-math.log(10000) * torch.arange(8) / 8)          # DiT's and MAR's sinusoidal embedding
+    t_embedded = torch.cat([torch.cos(t[:, None] * freqs), torch.sin(t[:, None] * freqs)], dim=1)
+    cond = head.time_embed(t_embedded) + head.cond_embed(z)             # the one place the condition enters
+    h = head.input_proj(x_t)
+    for block in head.blocks:                                           # AdaLN: shift, scale and gate per block
+        shift, scale, gate = block.modulation(cond).chunk(3, dim=1)
+        h = h + gate * block.mlp(block.norm(h) * (1 + scale) + shift)
+    shift, scale = head.final_modulation(cond).chunk(2, dim=1)
+    expected = head.output(F.layer_norm(h, (16,), eps=1e-6) * (1 + scale) + shift)
+    torch.testing.assert_close(head(x_t, t, z), expected, rtol=1e-4, atol=1e-4)
 
 
 def test_guidance_scale_one_equals_the_conditional_prediction():
@@ -189,6 +455,54 @@ def test_guidance_scale_one_equals_the_conditional_prediction():
     torch.testing.assert_close(discon.classifier_free_guidance(cond, uncond, 1.0), cond, rtol=0, atol=1e-6)
     torch.testing.assert_close(discon.classifier_free_guidance(cond, uncond, 0.0), uncond)
     torch.testing.assert_close(discon.classifier_free_guidance(cond, uncond, 3.0), uncond + 3 * (cond - uncond))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Sampling one token: guidance on the logits and on eps, temperature, top-k
+
+
+def token_frequencies(logits, guidance=1.0, temperature=1.0, top_k=0, n=20000):
+    """How often sample_token draws each code from `logits` (1, K), or with guidance (2, K): [conditional, unconditional]."""
+    rows = torch.cat([row.expand(n, -1) for row in logits])
+    tokens = tiny_model("discrete").sample_token(rows, guidance, temperature, top_k, torch.Generator().manual_seed(0))
+    return torch.bincount(tokens, minlength=logits.shape[1]).double() / n
+
+
+def test_guided_token_sampling_mixes_the_conditional_first_half_with_the_unconditional_second():
+    cond, uncond = torch.tensor([1.0, 0.5, 0.0, 0.0]), torch.tensor([0.5, 0.5, 1.0, 0.0])
+    expected = F.softmax(uncond + 2 * (cond - uncond), dim=0).double()
+    assert (token_frequencies(torch.stack([cond, uncond]), guidance=2.0) - expected).abs().max() < 0.02
+
+
+def test_token_sampling_temperature_divides_the_logits():
+    logits = torch.tensor([[1.0, 0.5, 0.0, -1.0]])
+    expected = F.softmax(logits[0] / 0.5, dim=0).double()
+    assert (token_frequencies(logits, temperature=0.5) - expected).abs().max() < 0.02
+
+
+def test_token_sampling_top_k_keeps_exactly_the_k_largest_logits():
+    logits = torch.tensor([[0.5, 1.0, 0.2, 0.8, 0.0, 0.7]])
+    top = [1, 3, 5]
+    expected = torch.zeros(6, dtype=torch.float64)
+    expected[top] = F.softmax(logits[0, top], dim=0).double()
+    frequencies = token_frequencies(logits, top_k=3)
+    assert (frequencies - expected).abs().max() < 0.02 and (frequencies[[0, 2, 4]] == 0).all()
+    assert (token_frequencies(logits, top_k=100) > 0).all()            # k beyond the codebook keeps every code
+
+
+def test_guided_latent_sampling_mixes_the_head_eps_of_the_two_halves():
+    model = tiny_model("discon").double()
+    with torch.no_grad():
+        for p in model.diffusion_head.parameters():
+            p.normal_(0, 0.2)                  # so that the head's eps depends on its condition
+    head, z = model.diffusion_head, torch.randn(4, 32, dtype=torch.float64)  # rows [:2] conditional, [2:] not
+    out = model.sample_latent(z, 2.5, 1.0, 6, torch.Generator().manual_seed(0))
+
+    def guided_eps(x_t, t):  # the slow path: the head's forward on each half
+        return discon.classifier_free_guidance(head(x_t, t, z[:2]), head(x_t, t, z[2:]), 2.5)
+    expected = model.diffusion.sample(guided_eps, (2, 4), 6, 1.0, torch.Generator().manual_seed(0),
+                                      dtype=torch.float64, clip_x0=model.cfg.clip_latent)
+    torch.testing.assert_close(out, expected)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -241,6 +555,35 @@ def test_dead_code_is_restarted_from_an_encoder_output():
     assert tok.code_usage[3] > tok.cfg.dead_code_threshold
 
 
+def test_dead_codes_are_restarted_from_different_encoder_outputs():
+    tok = tiny_tokenizer()
+    tok.code_usage.fill_(5.0)
+    dead = [1, 4, 7, 20]
+    tok.code_usage[dead] = 0.0
+    z = torch.randn(2, 4, 4, 4)
+    tok.restart_dead_codes(z, torch.Generator().manual_seed(0))
+    restarted, outputs = tok.codebook.weight.detach()[dead], z.permute(0, 2, 3, 1).reshape(-1, 4)
+    assert ((restarted[:, None] - outputs[None]).abs().amax(-1).amin(1) < 1e-6).all()  # each is an encoder output
+    assert len(torch.unique(restarted, dim=0)) > 1                                      # not all the same one
+
+
+def test_code_usage_is_an_ema_of_per_batch_counts():
+    tok = tiny_tokenizer()
+    tok.code_usage.fill_(2.0)
+    tok.update_usage(torch.tensor([[0, 0, 3], [3, 3, 5]]))
+    counts = torch.zeros(32)
+    counts[[0, 3, 5]] = torch.tensor([2.0, 3.0, 1.0])
+    decay = tok.cfg.usage_decay
+    torch.testing.assert_close(tok.code_usage, decay * 2.0 + (1 - decay) * counts)
+
+
+def test_code_usage_perplexity_is_the_exp_of_the_entropy_of_the_batch_codes():
+    perplexity, usage = tiny_tokenizer().update_usage(torch.tensor([[0, 0, 3], [3, 3, 5]]))
+    p = torch.tensor([2.0, 3.0, 1.0]) / 6
+    torch.testing.assert_close(perplexity, torch.exp(-(p * p.log()).sum()))
+    assert usage == pytest.approx(3 / 32)                          # the fraction of the codebook used by the batch
+
+
 def test_tokenizer_loss_terms_and_codebook_usage():
     tok = tiny_tokenizer().train()
     terms = tok(images(4))
@@ -248,6 +591,41 @@ def test_tokenizer_loss_terms_and_codebook_usage():
     expected = terms["rec_continuous"] + terms["rec_discrete"] + tok.cfg.kl_weight * terms["kl"] + terms["vq"]
     torch.testing.assert_close(terms["loss"], expected)
     assert 1 <= terms["perplexity"] <= tok.cfg.codebook_size and 0 < terms["usage"] <= 1
+
+
+@torch.no_grad()
+def posterior(tok, x):
+    """Mean and log-variance of the tokenizer's Gaussian posterior over c for images x."""
+    mean, logvar = tok.encoder(x).chunk(2, dim=1)
+    return mean, logvar.clamp(-30.0, 20.0)
+
+
+def test_tokenizer_loss_kl_is_the_gaussian_kl_of_the_posterior():
+    tok = tiny_tokenizer().eval()
+    x = images(4)
+    mean, logvar = posterior(tok, x)
+    kl = 0.5 * (mean ** 2 + logvar.exp() - 1 - logvar)           # KL(N(mean, exp(logvar)) || N(0, 1)) per element
+    torch.testing.assert_close(tok(x)["kl"], kl.mean())
+
+
+def test_tokenizer_loss_decodes_a_sample_of_the_posterior_as_the_continuous_view():
+    tok = tiny_tokenizer().eval()
+    with torch.no_grad():
+        tok.encoder.net[-1].bias[4:] = -2.0                       # posterior std about exp(-1), far from 1 and exp(-2)
+    x = images(8)
+    decoded = []
+    tok.decoder.register_forward_hook(lambda module, inputs, output: decoded.append(inputs[0]))
+    tok(x, generator=torch.Generator().manual_seed(0))
+    mean, logvar = posterior(tok, x)
+    noise = (decoded[0][:8].detach() - mean) / (0.5 * logvar).exp()   # the reparameterisation's noise: N(0, 1)
+    assert abs(float(noise.mean())) < 0.1 and abs(float(noise.std()) - 1) < 0.1
+
+
+def test_tokenizer_loss_decodes_the_codes_of_the_posterior_mean_as_the_discrete_view():
+    tok = tiny_tokenizer().eval()
+    x = images(4)
+    expected = (tok.decode_codes(tok.encode(x)[1]) - x).abs().mean()
+    torch.testing.assert_close(tok(x, generator=torch.Generator().manual_seed(0))["rec_discrete"], expected)
 
 
 def test_latent_stats_normalise_c_and_decode_undoes_them():
@@ -392,6 +770,41 @@ def test_generate_works_under_bf16_autocast():
     assert out.dtype == torch.uint8 and out.shape == (2, 3, 16, 16) and torch.isfinite(loss)
 
 
+def embed_calls(model, y, **generate_kwargs):
+    """The arguments of every embed call while `model` generates for labels y (2 diffusion steps, seeded)."""
+    calls = spy(model, "embed")
+    model.generate(y, diffusion_steps=2, generator=torch.Generator().manual_seed(0), **generate_kwargs)
+    del model.embed
+    return calls
+
+
+def test_guided_generation_runs_the_unconditional_branch_in_the_second_half_of_the_rows():
+    model = tiny_model("discon")
+    N, B = model.num_tokens, 2
+    calls = embed_calls(model, torch.tensor([3, 7]), guidance=2.0)
+    assert len(calls) == 2 * N                                       # one per position, with the KV cache
+    for call in calls:
+        y, c, d, end = call["y"], call["c"], call["d"], call["end"]
+        assert y.tolist() == [3, 7, model.null_class, model.null_class]
+        assert torch.equal(c[B:], c[:B])                             # both halves see the latents sampled so far
+        if end <= N:                                                  # discrete phase: the codes sampled so far
+            assert torch.equal(d[B:, :end - 1], d[:B, :end - 1])
+        else:                                                         # continuous phase: null codes
+            assert (d[B:] == model.null_code).all()
+    sampled = calls[-1]["d"][:B]                                      # the continuous phase sees the sampled grid
+    assert torch.equal(sampled[:, :N - 1], calls[N - 1]["d"][:B, :N - 1]) and (sampled != model.null_code).all()
+
+
+def test_guided_generation_takes_one_guidance_scale_per_phase():
+    model, y = tiny_model("discon"), torch.tensor([3, 7])
+    N = model.num_tokens
+    for guidance, guidance_continuous in [(2.0, 1.0), (1.0, 2.0), (2.0, None)]:
+        rows = [len(call["y"]) for call in embed_calls(model, y, guidance=guidance,
+                                                          guidance_continuous=guidance_continuous)]
+        continuous = guidance if guidance_continuous is None else guidance_continuous
+        assert rows == [2 if guidance == 1 else 4] * N + [2 if continuous == 1 else 4] * N
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Bad input gets a clear error
 
@@ -512,6 +925,15 @@ def test_frechet_rejects_non_finite_statistics():
 def test_statistics_warn_when_covariance_rank_deficient():
     with pytest.warns(UserWarning, match="rank-deficient"):
         fid.statistics_from_features(np.random.default_rng(0).standard_normal((10, 2048)))
+
+
+def test_fid_statistics_are_the_mean_and_unbiased_covariance():
+    features = np.random.default_rng(0).standard_normal((5, 3)).astype(np.float32)
+    mu, sigma = fid.statistics_from_features(features)
+    x = features.astype(np.float64)
+    assert mu.dtype == sigma.dtype == np.float64
+    np.testing.assert_allclose(mu, x.mean(0), rtol=1e-12)
+    np.testing.assert_allclose(sigma, (x - x.mean(0)).T @ (x - x.mean(0)) / (5 - 1), rtol=1e-12)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -642,6 +1064,18 @@ def test_inception_score_of_confident_balanced_predictions_is_number_of_classes(
     logits = np.tile(100 * np.eye(1008)[:k], (10, 1))  # every split holds each of k classes once, predicted surely
     mean, std = fid.inception_score(logits, splits=10)
     assert mean == pytest.approx(k, rel=1e-9) and std < 1e-9
+
+
+def test_inception_score_is_exp_of_the_mean_kl_within_each_split():
+    logits = 3 * np.random.default_rng(0).standard_normal((40, 1008))
+    scores = []
+    for part in np.split(logits, 4):          # the slow path: explicit softmax, the split's p(y), one KL per image
+        p = np.exp(part - part.max(1, keepdims=True))
+        p /= p.sum(1, keepdims=True)
+        p_y = p.mean(0)
+        scores.append(np.exp(np.mean([np.sum(p_x * np.log(p_x / p_y)) for p_x in p])))
+    mean, std = fid.inception_score(logits, splits=4)
+    assert mean == pytest.approx(np.mean(scores), rel=1e-9) and std == pytest.approx(np.std(scores), rel=1e-9)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
