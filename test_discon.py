@@ -1168,6 +1168,15 @@ def fast_shapes(monkeypatch):
     monkeypatch.setattr(train, "make_shapes", cached_shapes)
 
 
+def not_implemented(error):
+    """The function that raised `error`: the one an exercise left blank."""
+    tb = error.__traceback__
+    while tb.tb_next:
+        tb = tb.tb_next
+    code = tb.tb_frame.f_code
+    return f"{os.path.basename(code.co_filename)}: {getattr(code, 'co_qualname', code.co_name)}"
+
+
 def run(script, *args, nproc=1):
     """Run a script as a user would (torchrun for nproc > 1) and return the CompletedProcess."""
     launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
@@ -1192,7 +1201,10 @@ def trained(tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(train, "make_shapes", cached_shapes)
-        train.main(TINY + ["--out_dir", str(out)])
+        try:
+            train.main(TINY + ["--out_dir", str(out)])
+        except NotImplementedError as e:  # a function blanked for an exercise: its own tests fail, these need a run
+            pytest.skip(f"no training run without {not_implemented(e)}")
     return out
 
 
