@@ -12,6 +12,7 @@ per token), causal transformer, DisCon (training losses), sampling. Two delibera
 explained in README.md: one tokenizer gives both views (the paper pairs VA-VAE with MaskGIT's VQGAN), and the continuous
 stage is causal, in raster order, one token per step (the paper's figure shows a MAR-like random-order stage).
 """
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -144,6 +145,15 @@ class Decoder(nn.Module):
         return self.net(z)
 
 
+def nearest_code(z, codes):
+    """Index of the nearest code (K, C) for each row of z (M, C). The distances are computed in float32 even under
+    autocast: rounded to bf16 they can make argmin pick a farther code, and training would then see other codes than
+    encode() (run outside autocast) gives at sampling."""
+    with torch.autocast(z.device.type, enabled=False):
+        z, codes = z.float(), codes.float()
+        return (z.pow(2).sum(1, keepdim=True) - 2 * z @ codes.t() + codes.pow(2).sum(1)).argmin(1)   # (M,)
+
+
 class Tokenizer(nn.Module):
     """Images (B, 3, H, W) in [-1, 1] <-> continuous grid c (B, C, h, w) and discrete grid d (B, h, w)."""
 
@@ -172,13 +182,7 @@ class Tokenizer(nn.Module):
     def quantize(self, z):
         """Nearest-code quantization of z (B, C, h, w) -> (straight-through quantized grid, d, VQ loss)."""
         B, C, h, w = z.shape
-        flat = z.permute(0, 2, 3, 1).reshape(-1, C)                                      # (B*h*w, C)
-        # Distances in float32 even under autocast: rounded to bf16 they can make argmin pick a farther code, and
-        # training would then see other codes than encode() (run outside autocast) gives at sampling.
-        with torch.autocast(z.device.type, enabled=False):
-            flat32, codes = flat.float(), self.codebook.weight.float()
-            dist2 = flat32.pow(2).sum(1, keepdim=True) - 2 * flat32 @ codes.t() + codes.pow(2).sum(1)  # (B*h*w, K)
-            d = dist2.argmin(1)
+        d = nearest_code(z.permute(0, 2, 3, 1).reshape(-1, C), self.codebook.weight)    # (B*h*w,)
         q = self.codebook(d).view(B, h, w, C).permute(0, 3, 1, 2)                        # (B, C, h, w)
         # VQ-VAE losses: the codebook term moves codes to the encoder outputs, the commitment term the other way.
         vq_loss = F.mse_loss(q, z.detach()) + self.cfg.commitment_weight * F.mse_loss(z, q.detach())
@@ -270,6 +274,27 @@ class Tokenizer(nn.Module):
         self.latent_mean.copy_(mu)
         self.latent_std.copy_(std)
         return self.latent_mean.clone(), self.latent_std.clone()
+
+    @torch.no_grad()
+    def refit_codebook(self, batches, codebook_size, iterations=20, generator=None):
+        """Replace the codebook by `codebook_size` k-means centres (Lloyd's algorithm) of the encoder means over an
+        iterable of image batches: a discrete view of another size on the same frozen continuous view. Only c is
+        decoded well afterwards (the decoder was trained on the old codes); README's codebook-size sweep uses it."""
+        C = self.cfg.latent_channels
+        z = torch.cat([self.encoder(x.to(self.latent_mean.device))[:, :C].permute(0, 2, 3, 1).reshape(-1, C)
+                       for x in batches])                                                   # (M, C)
+        if len(z) < codebook_size:
+            raise ValueError(f"{len(z)} latent vectors cannot be fitted with {codebook_size} codes; give more images")
+        pick = lambda n: z[torch.randperm(len(z), generator=generator, device=z.device)[:n]]
+        centres = pick(codebook_size)
+        for _ in range(iterations):
+            assign = torch.cat([nearest_code(part, centres) for part in z.split(65536)])
+            counts = torch.bincount(assign, minlength=codebook_size)[:, None]
+            sums = torch.zeros_like(centres).index_add_(0, assign, z)
+            centres = torch.where(counts > 0, sums / counts.clamp_min(1), pick(codebook_size))  # empty: reseed
+        self.cfg = dataclasses.replace(self.cfg, codebook_size=codebook_size)
+        self.codebook = nn.Embedding.from_pretrained(centres, freeze=False).requires_grad_(self.codebook.weight.requires_grad)
+        self.code_usage = torch.ones(codebook_size, device=z.device)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
