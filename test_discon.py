@@ -946,6 +946,18 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monk
     assert ckpt["step"] == 2 and all(v.isfinite().all() for v in ckpt["model"].values() if v.is_floating_point())
 
 
+def test_vq_codebook_and_usage_do_not_depend_on_the_number_of_processes(tmp_path, fast_shapes):
+    # One step: every code is restarted from encoder outputs of the whole batch, then counted over the whole batch.
+    # (Later steps would differ: the KL noise of the continuous view is drawn per process.)
+    args = TINY + ["--stage", "1", "--tokenizer_steps", "1"]
+    train.main(args + ["--out_dir", str(tmp_path / "one")])
+    two = run("train.py", *args, "--out_dir", tmp_path / "two", nproc=2)
+    assert two.returncode == 0, two.stderr
+    one, two = (load(tmp_path / d / "tokenizer.pt")["model"] for d in ("one", "two"))
+    torch.testing.assert_close(one["code_usage"], two["code_usage"], rtol=0, atol=1e-6)
+    torch.testing.assert_close(one["codebook.weight"], two["codebook.weight"], rtol=0, atol=1e-6)
+
+
 def test_two_ddp_processes_match_one_process(tmp_path, trained):
     # Model noise (diffusion t and noise, KL sampling, label dropout) is drawn per process, so a 2-process run is a
     # different, equally valid random draw, not the same numbers. The comparison therefore uses the part of training
