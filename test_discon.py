@@ -548,6 +548,29 @@ def test_all_input_formats_give_the_same_pixels(tmp_path):
         assert torch.equal(torch.cat(list(batches)), torch.from_numpy(images).permute(0, 3, 1, 2))
 
 
+def test_16_bit_grey_and_transparent_images_become_8_bit_rgb(tmp_path):
+    grey = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    Image.fromarray(grey.astype(np.uint16) * 257).save(tmp_path / "grey16.png")  # 0..65535
+    Image.fromarray(grey).save(tmp_path / "grey8.png")
+    assert Image.open(tmp_path / "grey16.png").mode == "I;16"  # what Pillow's convert("RGB") clips to white
+    assert np.array_equal(fid.read_rgb(tmp_path / "grey16.png"), fid.read_rgb(tmp_path / "grey8.png"))
+    assert np.array_equal(fid.read_rgb(tmp_path / "grey8.png"), np.repeat(grey[..., None], 3, axis=2))
+    rgba = np.array([[[200, 10, 10, 255], [0, 0, 255, 0]], [[0, 0, 0, 128], [0, 0, 0, 0]]], np.uint8)
+    Image.fromarray(rgba).save(tmp_path / "rgba.png")  # opaque red, transparent blue, half-transparent black
+    assert fid.read_rgb(tmp_path / "rgba.png").tolist() == [[[200, 10, 10], [255, 255, 255]],
+                                                             [[127, 127, 127], [255, 255, 255]]]  # onto white
+    Image.fromarray(rgba[..., 3]).convert("P").save(tmp_path / "palette.png", transparency=0)
+    assert fid.read_rgb(tmp_path / "palette.png")[1, 1].tolist() == [255, 255, 255]  # index 0 is transparent
+    Image.new("F", (4, 4)).save(tmp_path / "float.tif")
+    with pytest.raises(ValueError, match="float.tif: mode F"):
+        fid.read_rgb(tmp_path / "float.tif")
+    # fid.py reads the 16-bit copy of a folder as its 8-bit original (they scored FID 222 against each other)
+    for depth in (8, 16):
+        os.makedirs(tmp_path / f"set{depth}" / "grey")
+        shutil.copy(tmp_path / f"grey{depth}.png", tmp_path / f"set{depth}" / "grey" / "a.png")
+    assert torch.equal(*(next(fid.image_batches(str(tmp_path / f"set{d}" / "grey"), 1)[1]) for d in (8, 16)))
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Network
 
