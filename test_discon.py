@@ -1030,6 +1030,21 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monk
     assert ckpt["step"] == 2 and all(v.isfinite().all() for v in ckpt["model"].values() if v.is_floating_point())
 
 
+@pytest.mark.filterwarnings("ignore:3 images < 2048")
+def test_killed_writes_of_samples_and_statistics_leave_no_partial_file(tmp_path, trained, monkeypatch):
+    def dies_halfway(file, **arrays):
+        (open(file, "wb") if isinstance(file, str) else file).write(b"half an .npz")
+        raise KeyboardInterrupt
+    monkeypatch.setattr(np, "savez", dies_halfway)
+    monkeypatch.setattr(np, "savez_compressed", dies_halfway)
+    monkeypatch.setattr(fid, "load_inception", lambda weights, device: FakeInception())
+    with pytest.raises(KeyboardInterrupt):
+        sample.main([str(trained / "model.pt"), "--num-images", "10", "--out", str(tmp_path)])
+    with pytest.raises(KeyboardInterrupt):
+        fid.main(["--save-stats", save_pngs(tmp_path / "pngs", random_images(3, 16, 16)), str(tmp_path / "s.npz")])
+    assert not glob.glob(str(tmp_path / "*.npz*"))
+
+
 def test_temporary_files_of_a_killed_run_are_removed(tmp_path, trained, capsys, fast_shapes):
     shutil.copytree(trained, tmp_path / "run")
     stale = tmp_path / "run" / "model.pt.tmp.somehost.12345"  # what a kill -9 in atomic_write leaves
@@ -1069,6 +1084,17 @@ def test_compiled_training_equals_eager(tmp_path, trained, monkeypatch, fast_sha
     eager, compiled = ([json.loads(line) for line in open(d / "log.jsonl")] for d in (trained, tmp_path))
     assert [line["loss"] for line in compiled] == pytest.approx([line["loss"] for line in eager], rel=1e-5)
     assert_same_weights(load(tmp_path / "model.pt")["model"], load(trained / "model.pt")["model"], atol=1e-5)
+
+
+def test_sampling_gathers_the_images_on_rank_0_only(tmp_path, trained, monkeypatch):
+    sent = []
+    monkeypatch.setattr(sample, "setup_distributed", lambda: (1, 1, 2, torch.device("cpu")))  # rank 1 of 2
+    monkeypatch.setattr(sample, "dist", types.SimpleNamespace(
+        is_initialized=lambda: False, gather_object=lambda mine, gathered, dst: sent.append((mine, gathered, dst))))
+    sample.main([str(trained / "model.pt"), "--num-images", "20", "--batch-size", "5", "--out", str(tmp_path)])
+    [(mine, gathered, dst)] = sent
+    assert [b for b, _ in mine] == [1, 3] and gathered is None and dst == 0  # rank 1 sends its batches, gets none
+    assert not glob.glob(str(tmp_path / "*.npz"))
 
 
 def test_two_ddp_processes_match_one_process(tmp_path, trained):
@@ -1122,23 +1148,27 @@ def test_sample_computes_fid_through_fid_py(tmp_path, trained, monkeypatch, caps
     def fid_from_images(images, reference, mode, model, device):
         seen.update(images=images, reference=reference, mode=mode)
         return 12.5
-    fake = types.SimpleNamespace(load_inception=lambda weights, device: "inception", fid_from_images=fid_from_images)
-    monkeypatch.setitem(sys.modules, "fid", fake)
-    sample.main([str(trained / "model.pt"), "--num-images", "10", "--fid-ref", "ref.npz", "--out", str(tmp_path)])
-    assert seen["images"].shape == (10, 16, 16, 3) and seen["reference"] == "ref.npz"
+    monkeypatch.setattr(fid, "load_inception", lambda weights, device: FakeInception())
+    monkeypatch.setattr(fid, "fid_from_images", fid_from_images)
+    ref = str(tmp_path / "ref.npz")
+    np.savez(ref, mu=np.zeros(3), sigma=np.eye(3))
+    sample.main([str(trained / "model.pt"), "--num-images", "10", "--fid-ref", ref, "--out", str(tmp_path)])
+    assert seen["images"].shape == (10, 16, 16, 3) and seen["reference"] == ref
     assert "FID 12.500" in capsys.readouterr().out
 
 
 def test_sample_reconstructs_both_views_from_a_tokenizer_checkpoint(tmp_path, trained, monkeypatch, capsys,
                                                                   fast_shapes):
     scores = iter([3.0, 7.0])
-    fake = types.SimpleNamespace(load_inception=lambda weights, device: "inception",
-                                 fid_from_images=lambda images, reference, **kw: next(scores))
-    monkeypatch.setitem(sys.modules, "fid", fake)
-    sample.main([str(trained / "tokenizer.pt"), "--num-images", "12", "--fid-ref", "ref.npz", "--out", str(tmp_path)])
+    monkeypatch.setattr(fid, "load_inception", lambda weights, device: FakeInception())
+    monkeypatch.setattr(fid, "fid_from_images", lambda images, reference, **kw: next(scores))
+    np.savez(tmp_path / "ref.npz", mu=np.zeros(3), sigma=np.eye(3))
+    sample.main([str(trained / "tokenizer.pt"), "--num-images", "12", "--fid-ref", str(tmp_path / "ref.npz"),
+                 "--out", str(tmp_path)])
     tokenizer = discon.Tokenizer(discon.TokenizerConfig(**load(trained / "tokenizer.pt")["config"]["tokenizer"]))
     tokenizer.load_state_dict(load(trained / "tokenizer.pt")["ema"])
-    originals = train.load_dataset("shapes", "data", 16)[0][:12]
+    originals, labels, _ = train.load_dataset("shapes", "data", 16)
+    originals = originals[train.balanced_subset(labels, 12)]
     c, d = tokenizer.encode(train.to_model_input(originals, "cpu", 16))
     expected = discon.to_uint8(tokenizer.decode_codes(d)).permute(0, 2, 3, 1).numpy()
     assert np.array_equal(np.load(tmp_path / "discrete_12.npz")["arr_0"], expected)
@@ -1151,7 +1181,8 @@ def test_sample_real_codes_keeps_the_training_labels(tmp_path, trained, fast_sha
     sample.main([str(trained / "model.pt"), "--real-codes", "--num-images", "4", "--out", str(tmp_path)])
     written = np.load(tmp_path / "samples_4x16x16x3.npz")
     assert written["arr_0"].shape == (4, 16, 16, 3)
-    assert np.array_equal(written["labels"], train.load_dataset("shapes", "data", 16)[1][:4])
+    labels = train.load_dataset("shapes", "data", 16)[1]
+    assert np.array_equal(written["labels"], labels[train.balanced_subset(labels, 4)])
 
 
 @pytest.fixture
@@ -1199,6 +1230,13 @@ def bad_files(trained, tmp_path):
     ("sample", ["{tmp}/run/log.jsonl"], "cannot read {tmp}/run/log.jsonl"),
     ("sample", ["{tmp}/truncated.pt"], "cannot read {tmp}/truncated.pt"),
     ("sample", ["{tmp}/run/model.pt", "--num-images", "15"], "not divisible"),
+    *[("sample", ["{tmp}/run/model.pt", flag, value], f"argument {flag}: must be > 0") for flag, value in [
+        ("--num-images", "0"), ("--batch-size", "0"), ("--temperature", "0"), ("--diffusion-steps", "0")]],
+    ("sample", ["{tmp}/run/model.pt", "--top-k", "-1"], "argument --top-k: must be >= 0"),
+    ("sample", ["{tmp}/run/model.pt", "--diffusion-steps", "1001"], "--diffusion-steps 1001 is more than"),
+    ("sample", ["{tmp}/run/model.pt", "--out", "{tmp}/a_file"], "cannot write into {tmp}/a_file"),
+    ("sample", ["{tmp}/run/model.pt", "--fid-ref", "{tmp}/no_stats.npz"], "--fid-ref {tmp}/no_stats.npz"),
+    ("sample", ["{tmp}/run/model.pt", "--fid-ref", "{tmp}/truncated.npz"], "{tmp}/truncated.npz is not a readable"),
     ("fid", ["{tmp}/images.npz", "{tmp}/images.npz", "--batch-size", "0"], "argument --batch-size: must be > 0"),
     ("fid", ["{tmp}/images.npz", "{tmp}/missing.npz"], "{tmp}/missing.npz: no such file"),
     ("fid", ["{tmp}/truncated.npz", "{tmp}/images.npz"], "{tmp}/truncated.npz is not a readable .npz"),
