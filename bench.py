@@ -61,7 +61,7 @@ def measure_mode(args, preset, mode, queue):
 
     def sample():
         with autocast:
-            model.generate(labels, cfg=2.0, diffusion_steps=args.diffusion_steps,
+            model.generate(labels, guidance=2.0, diffusion_steps=args.diffusion_steps,
                            generator=torch.Generator(device).manual_seed(0))
 
     train_s = timed(train_step, args.repeats)

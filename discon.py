@@ -58,10 +58,12 @@ class DisConConfig:
     n_layer: int = 4                   # transformer size: chosen for the quick CPU preset; presets in train.py override
     n_head: int = 4
     n_embd: int = 128
-    dropout: float = 0.0               # no dropout, as nanoGPT and MAR for their main models
-    label_drop: float = 0.1            # classifier-free guidance label dropout, MAR's and LlamaGen's 0.1
-    head_width: int = 256              # MAR's MLP head: width 1024, depth 3 (B); scaled down here
-    head_depth: int = 3
+    dropout: float = 0.0               # MAR uses 0.1 (attention and projections); 0 for the short CPU runs, where
+                                       # the model sees each image a few times only; the cifar10 preset sets 0.1
+    label_drop: float = 0.1            # classifier-free guidance: the class is dropped with this probability (MAR's and
+                                       # LlamaGen's 0.1) and, in discon mode, the whole condition (y and d) too
+    head_width: int = 256              # MAR's MLP head is 1024 wide and 6 deep for MAR-B (its README; 3 is the
+    head_depth: int = 3                # default of its training script); scaled down here
     diffusion_batch_mul: int = 4       # MAR: each condition is trained on 4 (t, noise) pairs per step
     num_timesteps: int = 1000          # MAR / DDPM training steps
     diffusion_steps: int = 100         # respaced sampling steps, MAR's default
@@ -171,9 +173,12 @@ class Tokenizer(nn.Module):
         """Nearest-code quantization of z (B, C, h, w) -> (straight-through quantized grid, d, VQ loss)."""
         B, C, h, w = z.shape
         flat = z.permute(0, 2, 3, 1).reshape(-1, C)                                      # (B*h*w, C)
-        codes = self.codebook.weight
-        dist2 = flat.pow(2).sum(1, keepdim=True) - 2 * flat @ codes.t() + codes.pow(2).sum(1)  # (B*h*w, K)
-        d = dist2.argmin(1)
+        # Distances in float32 even under autocast: rounded to bf16 they can make argmin pick a farther code, and
+        # training would then see other codes than encode() (run outside autocast) gives at sampling.
+        with torch.autocast(z.device.type, enabled=False):
+            flat32, codes = flat.float(), self.codebook.weight.float()
+            dist2 = flat32.pow(2).sum(1, keepdim=True) - 2 * flat32 @ codes.t() + codes.pow(2).sum(1)  # (B*h*w, K)
+            d = dist2.argmin(1)
         q = self.codebook(d).view(B, h, w, C).permute(0, 3, 1, 2)                        # (B, C, h, w)
         # VQ-VAE losses: the codebook term moves codes to the encoder outputs, the commitment term the other way.
         vq_loss = F.mse_loss(q, z.detach()) + self.cfg.commitment_weight * F.mse_loss(z, q.detach())
@@ -289,22 +294,23 @@ def classifier_free_guidance(cond, uncond, scale):
     return uncond + scale * (cond - uncond)
 
 
-class GaussianDiffusion:
-    def __init__(self, num_timesteps=1000):
-        self.num_timesteps = num_timesteps
-        self.betas = cosine_betas(num_timesteps)                       # float64 tables, on the CPU
-        self.alphas_cumprod = torch.cumprod(1 - self.betas, dim=0)
-        self._chains = {}
+class GaussianDiffusion(nn.Module):
+    """Holds no parameters; a module so that its q_sample tables follow the model to its device (no copy per step)."""
 
-    @staticmethod
-    def _at(table, t, like):
-        """table[t] shaped to broadcast against `like` (B, ...)."""
-        return table.to(t.device)[t].to(like.dtype).view(-1, *([1] * (like.dim() - 1)))
+    def __init__(self, num_timesteps=1000):
+        super().__init__()
+        self.num_timesteps = num_timesteps
+        self.betas = cosine_betas(num_timesteps)                       # float64, on the CPU: the respaced chains
+        self.alphas_cumprod = torch.cumprod(1 - self.betas, dim=0)     # are computed from these
+        self.register_buffer("sqrt_abar", self.alphas_cumprod.sqrt().float(), persistent=False)
+        self.register_buffer("sqrt_one_minus_abar", (1 - self.alphas_cumprod).sqrt().float(), persistent=False)
+        self._chains = {}
 
     def q_sample(self, x0, t, noise):
         """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps."""
-        abar = self.alphas_cumprod
-        return self._at(abar.sqrt(), t, x0) * x0 + self._at((1 - abar).sqrt(), t, x0) * noise
+        def at(table):  # table[t], shaped to broadcast against x0 (M, ...)
+            return table[t].to(x0.dtype).view(-1, *([1] * (x0.dim() - 1)))
+        return at(self.sqrt_abar) * x0 + at(self.sqrt_one_minus_abar) * noise
 
     def loss(self, model, x0, cond, generator=None):
         """Epsilon-prediction MSE for x0 (M, C) under conditions cond (M, D), one random t per row."""
@@ -338,18 +344,18 @@ class GaussianDiffusion:
                clip_x0=None):
         """Ancestral sampling from N(0, I) with eps_fn(x_t, t) -> eps; the added noise is scaled by temperature (MAR).
         clip_x0 clamps each step's estimate of x0, which keeps an imperfect eps from blowing up at large t."""
-        chain = self.respaced(steps)
+        chain = {k: v.tolist() for k, v in self.respaced(steps).items()}  # python numbers: no copy to the device
         x = torch.randn(shape, generator=generator, device=device, dtype=dtype)
         for i in reversed(range(steps)):
-            t = chain["timesteps"][i].to(device).expand(shape[0])
+            t = torch.full((shape[0],), chain["timesteps"][i], device=device)
             eps = eps_fn(x, t).to(dtype)
-            x0 = float(chain["sqrt_recip_abar"][i]) * x - float(chain["sqrt_recipm1_abar"][i]) * eps
+            x0 = chain["sqrt_recip_abar"][i] * x - chain["sqrt_recipm1_abar"][i] * eps
             if clip_x0 is not None:
                 x0 = x0.clamp(-clip_x0, clip_x0)
-            x = float(chain["coef_x0"][i]) * x0 + float(chain["coef_xt"][i]) * x
+            x = chain["coef_x0"][i] * x0 + chain["coef_xt"][i] * x
             if i > 0:
                 noise = torch.randn(shape, generator=generator, device=device, dtype=dtype)
-                x = x + math.exp(0.5 * float(chain["log_var"][i])) * temperature * noise
+                x = x + math.exp(0.5 * chain["log_var"][i]) * temperature * noise
         return x
 
 
@@ -402,7 +408,14 @@ class DiffusionHead(nn.Module):
 
     def forward(self, x_t, t, z):
         """Predict eps from x_t (M, C) at timesteps t (M,) given transformer outputs z (M, D)."""
-        cond = self.time_embed(timestep_embedding(t, self.frequency_dim).to(x_t.dtype)) + self.cond_embed(z)
+        return self.predict(x_t, self.embed_time(t) + self.cond_embed(z))
+
+    def embed_time(self, t):
+        return self.time_embed(timestep_embedding(t, self.frequency_dim).to(self.cond_embed.weight.dtype))
+
+    def predict(self, x_t, cond):
+        """eps from x_t (M, C) and the condition cond (M, W) = embed_time(t) + cond_embed(z). A sampling chain has
+        one z per row and one t for all rows, so it computes cond_embed(z) once and embed_time(t) on one row."""
         h = self.input_proj(x_t)
         for block in self.blocks:
             h = block(h, cond)
@@ -505,37 +518,47 @@ class Transformer(nn.Module):
 # the diffusion loss for the c's (p(c | d, y)). The position whose output predicts c_i also carries an embedding of
 # d_i, its aligned discrete token, so the head knows which mode c_i must fall in. The baselines drop one half:
 # "continuous" is [y, c_1 .. c_N] (a causal MAR) and "discrete" is [y, d_1 .. d_N] (LlamaGen).
+#
+# Classifier-free guidance needs an unconditional model of each phase. The discrete phase's is p(d | null class). The
+# continuous phase's cannot be p(c | d, null class): d nearly determines the class, so that branch would predict what
+# the conditional one does and guidance would do nothing. Its condition is dropped as a whole: null class and a grid of
+# null codes (one learned embedding for every discrete position and for the aligned token). Training therefore drops
+# the class of a row with probability label_drop and, in discon mode, the whole condition of another row with the same
+# probability; those rows have no real d to predict, so the cross-entropy skips them.
 
 
 class DisCon(nn.Module):
     def __init__(self, cfg, tokenizer):
         super().__init__()
         self.cfg = cfg
-        tcfg = tokenizer.cfg
-        self.num_tokens = tcfg.grid_size ** 2                                              # N
+        tok_cfg = tokenizer.cfg
+        self.num_tokens = tok_cfg.grid_size ** 2                                           # N
         self.has_discrete = cfg.mode in ("discon", "discrete")
         self.has_continuous = cfg.mode in ("discon", "continuous")
         self.n_discrete = self.num_tokens if self.has_discrete else 0                     # positions before the c's
+        self.null_class = cfg.num_classes                                                 # the class of "no class"
+        self.null_code = tok_cfg.codebook_size                                            # the code of "no code"
 
         self.class_embed = nn.Embedding(cfg.num_classes + 1, cfg.n_embd)                  # last row: the null class
         if self.has_discrete:
-            self.token_embed = nn.Embedding(tcfg.codebook_size, cfg.n_embd)
-            self.logits = nn.Linear(cfg.n_embd, tcfg.codebook_size, bias=False)
+            self.token_embed = nn.Embedding(tok_cfg.codebook_size + 1, cfg.n_embd)        # last row: the null code
+            self.logits = nn.Linear(cfg.n_embd, tok_cfg.codebook_size, bias=False)
         if self.has_continuous:
-            self.latent_proj = nn.Linear(tcfg.latent_channels, cfg.n_embd)
+            self.latent_proj = nn.Linear(tok_cfg.latent_channels, cfg.n_embd)
         if cfg.mode == "discon":
-            self.align_embed = nn.Embedding(tcfg.codebook_size, cfg.n_embd)
+            self.align_embed = nn.Embedding(tok_cfg.codebook_size + 1, cfg.n_embd)
         block_size = self.n_discrete + self.num_tokens if cfg.mode == "discon" else self.num_tokens
         self.transformer = Transformer(cfg, block_size)
-        for m in self.modules():  # GPT-2 init (nanoGPT): N(0, 0.02) for linear and embedding weights
-            if isinstance(m, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(m.weight, std=0.02)
+        for name, m in self.named_modules():  # GPT-2's init (nanoGPT): N(0, 0.02) for linear and embedding weights,
+            if isinstance(m, (nn.Linear, nn.Embedding)):  # N(0, 0.02 / sqrt(2 n_layer)) for the residual projections
+                residual = name.endswith((".attn.proj", ".mlp.2"))
+                nn.init.normal_(m.weight, std=0.02 / math.sqrt(2 * cfg.n_layer) if residual else 0.02)
                 if getattr(m, "bias", None) is not None:
                     nn.init.zeros_(m.bias)
         # Attached after the loop above, so that neither the trained codebook nor the head's zero-init is overwritten.
         self.tokenizer = tokenizer.requires_grad_(False).eval()                           # frozen after stage 1
         if self.has_continuous:
-            self.diffusion_head = DiffusionHead(tcfg.latent_channels, cfg.n_embd, cfg.head_width, cfg.head_depth)
+            self.diffusion_head = DiffusionHead(tok_cfg.latent_channels, cfg.n_embd, cfg.head_width, cfg.head_depth)
         self.diffusion = GaussianDiffusion(cfg.num_timesteps)
 
     def train(self, mode=True):
@@ -550,7 +573,8 @@ class DisCon(nn.Module):
             raise ValueError(f"labels must be a 1-d long tensor, got shape {tuple(y.shape)} and dtype {y.dtype}")
         if batch is not None and len(y) != batch:
             raise ValueError(f"got {len(y)} labels for {batch} images")
-        if len(y) and (y.min() < 0 or y.max() >= self.cfg.num_classes):
+        # The range is checked on the CPU only: on an accelerator it would cost a device-host sync per step.
+        if y.device.type == "cpu" and len(y) and (y.min() < 0 or y.max() >= self.cfg.num_classes):
             raise ValueError(f"labels must be in [0, {self.cfg.num_classes}), got values in [{int(y.min())}, "
                              f"{int(y.max())}]")
 
@@ -567,16 +591,22 @@ class DisCon(nn.Module):
         return c.flatten(2).transpose(1, 2), d.flatten(1)                            # (B, N, C), (B, N)
 
     def embed(self, y, c, d, start=0, end=None):
-        """Input embeddings of positions [start, end) of the sequence; tokens not needed there may hold anything."""
-        parts = [self.class_embed(y)[:, None]]                                          # (B, 1, D)
-        if self.has_discrete:
-            parts.append(self.token_embed(d))                                           # (B, N, D)
-        if self.has_continuous:
-            parts.append(self.latent_proj(c))                                           # (B, N, D)
-        x = torch.cat(parts, dim=1)[:, :-1]                                             # (B, L, D)
-        if self.cfg.mode == "discon":  # positions N .. 2N-1 predict c_1 .. c_N: add their aligned d_1 .. d_N
-            x = torch.cat([x[:, : self.n_discrete], x[:, self.n_discrete:] + self.align_embed(d)], dim=1)
-        return x[:, start:end]
+        """Input embeddings (B, end - start, D) of positions [start, end) of the sequence. Position 0 holds y, positions
+        1 .. n_discrete hold d_1 .., the rest c_1 ..; sampling embeds only the new position at each step."""
+        end = self.transformer.block_size if end is None else end
+        n = self.n_discrete
+        parts = []
+        if start == 0:
+            parts.append(self.class_embed(y)[:, None])                                  # (B, 1, D)
+        if max(start, 1) < min(end, n + 1):
+            parts.append(self.token_embed(d[:, max(start, 1) - 1:min(end, n + 1) - 1]))  # (B, ., D)
+        if max(start, n + 1) < end:
+            parts.append(self.latent_proj(c[:, max(start, n + 1) - n - 1:end - n - 1]))  # (B, ., D)
+        x = torch.cat(parts, dim=1)
+        if self.cfg.mode == "discon" and end > n:  # positions N .. 2N-1 predict c_1 .. c_N: add their aligned d_i
+            aligned = self.align_embed(d[:, max(start, n) - n:end - n])                   # (B, ., D)
+            x = torch.cat([x[:, :x.shape[1] - aligned.shape[1]], x[:, x.shape[1] - aligned.shape[1]:] + aligned], 1)
+        return x
 
     # -- training --------------------------------------------------------------------------------------------------
 
@@ -585,14 +615,21 @@ class DisCon(nn.Module):
         c, d = self.tokens(x)
         B, N = d.shape
         self.check_labels(y, B)
-        if self.training and self.cfg.label_drop > 0:  # classifier-free guidance: learn p(. | null class) too
-            drop = torch.rand(B, generator=generator, device=y.device) < self.cfg.label_drop
-            y = torch.where(drop, torch.full_like(y, self.cfg.num_classes), y)
-        h = self.transformer(self.embed(y, c, d))                                        # (B, L, D)
+        d_in, keep = d, torch.ones(B, device=d.device)  # the grid the model is shown; rows whose d is predicted
+        if self.training and self.cfg.label_drop > 0:  # classifier-free guidance: learn the unconditional models too
+            u = torch.rand(B, generator=generator, device=y.device)
+            y = torch.where(u < 2 * self.cfg.label_drop if self.cfg.mode == "discon" else u < self.cfg.label_drop,
+                            torch.full_like(y, self.null_class), y)
+            if self.cfg.mode == "discon":  # u < p: the class only; p <= u < 2p: the whole condition
+                drop_all = (u >= self.cfg.label_drop) & (u < 2 * self.cfg.label_drop)
+                d_in = torch.where(drop_all[:, None], torch.full_like(d, self.null_code), d)
+                keep = (~drop_all).float()
+        h = self.transformer(self.embed(y, c, d_in))                                     # (B, L, D)
         terms = {}
         if self.has_discrete:
             logits = self.logits(h[:, :N])                                               # (B, N, K)
-            terms["ce"] = F.cross_entropy(logits.flatten(0, 1).float(), d.flatten())
+            ce = F.cross_entropy(logits.flatten(0, 1).float(), d.flatten(), reduction="none").view(B, N)
+            terms["ce"] = (ce * keep[:, None]).sum() / (keep.sum() * N).clamp_min(1)
         if self.has_continuous:
             z = h[:, self.n_discrete:].reshape(B * N, -1)                                # (B*N, D)
             target = c.reshape(B * N, -1)                                                # (B*N, C)
@@ -605,11 +642,12 @@ class DisCon(nn.Module):
     # -- sampling --------------------------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def generate(self, y, cfg=1.0, temperature=1.0, top_k=0, diffusion_steps=None, generator=None, use_kv_cache=True,
-                 codes=None):
+    def generate(self, y, guidance=1.0, guidance_continuous=None, temperature=1.0, top_k=0, diffusion_steps=None,
+                 generator=None, use_kv_cache=True, codes=None):
         """Sample images (B, 3, H, W) uint8 for labels y (B,): d token by token, then c token by token, then decode.
 
-        cfg: guidance scale on the logits (phase 1) and on the head's eps (phase 2); 1 means no guidance.
+        guidance: the classifier-free guidance scale of the discrete phase (on the logits) and, unless
+        guidance_continuous is given, of the continuous phase (on the head's eps); 1 means no guidance.
         temperature: divides the logits, and scales the diffusion noise (MAR). top_k: 0 keeps every code.
         use_kv_cache=False recomputes the whole prefix at every step: the slow path the tests compare against.
         codes: "discon" mode only, a discrete grid (B, h, w) to condition on instead of sampling d: p(c | d, y) alone.
@@ -621,65 +659,65 @@ class DisCon(nn.Module):
         if codes is not None and (self.cfg.mode != "discon" or tuple(codes.shape) != (len(y), g, g)):
             raise ValueError(f"codes must be a (B, {g}, {g}) grid for a discon-mode model, got {tuple(codes.shape)} "
                              f"in mode {self.cfg.mode!r}")
+        guidance_continuous = guidance if guidance_continuous is None else guidance_continuous
         was_training = self.training
         self.eval()
-        B, N = len(y), self.num_tokens
-        tcfg = self.tokenizer.cfg
-        steps = diffusion_steps or self.cfg.diffusion_steps
+        B, N, n = len(y), self.num_tokens, self.n_discrete
         device, dtype = self.class_embed.weight.device, self.class_embed.weight.dtype
-        guided = cfg != 1.0
-        # With guidance the batch is doubled: rows [:B] see y, rows [B:] the null class; both share every sample.
-        labels = torch.cat([y, torch.full_like(y, self.cfg.num_classes)]) if guided else y
-        rows = len(labels)
-        d = torch.zeros(rows, N, dtype=torch.long, device=device)
-        c = torch.zeros(rows, N, tcfg.latent_channels, dtype=dtype, device=device)
-        cache = self.transformer.new_cache() if use_kv_cache else None
-        first = 0
-        if codes is not None:  # the discrete phase is given: fill it in (and the cache) instead of sampling it
-            d[:] = codes.flatten(1).repeat(rows // B, 1)
-            first = self.n_discrete
-            if use_kv_cache:
-                self.transformer(self.embed(labels, c, d, end=first), cache)
+        d = torch.zeros(B, N, dtype=torch.long, device=device) if codes is None else codes.flatten(1).to(device)
+        c = torch.zeros(B, N, self.tokenizer.cfg.latent_channels, dtype=dtype, device=device)
+        first = 0 if codes is None else n  # given codes: the discrete phase is skipped
 
         for pos in range(first, self.transformer.block_size):  # the output at `pos` predicts token pos + 1
-            x = self.embed(labels, c, d, start=pos if use_kv_cache else 0, end=pos + 1)
-            h = self.transformer(x, cache)[:, -1]                                        # (rows, D)
-            if pos < self.n_discrete:
-                token = self.sample_token(self.logits(h).float(), cfg, temperature, top_k, generator)
-                d[:, pos] = token.repeat(rows // B)
+            continuous = pos >= n
+            if pos in (first, n):  # a phase starts: the rows it runs, and a KV cache of its own
+                scale = guidance_continuous if continuous else guidance
+                labels, d_in, c_in = y, d, c
+                if scale != 1:  # rows [B:] are the unconditional branch; in the continuous phase it loses d too
+                    labels = torch.cat([y, torch.full_like(y, self.null_class)])
+                    d_in = torch.cat([d, torch.full_like(d, self.null_code) if continuous else d])
+                    c_in = torch.cat([c, c])
+                    d, c = d_in[:B], c_in[:B]  # views: what the conditional rows sample is the result
+                cache, cached = (self.transformer.new_cache(), 0) if use_kv_cache else (None, 0)
+            h = self.transformer(self.embed(labels, c_in, d_in, start=cached, end=pos + 1), cache)[:, -1]
+            cached = pos + 1 if use_kv_cache else 0                                      # h: (rows, D)
+            if not continuous:
+                token = self.sample_token(self.logits(h).float(), scale, temperature, top_k, generator)   # (B,)
+                d_in[:, pos] = token.repeat(len(labels) // B)
             else:
-                latent = self.sample_latent(h, cfg, temperature, steps, generator)
-                c[:, pos - self.n_discrete] = latent.repeat(rows // B, 1)
+                latent = self.sample_latent(h, scale, temperature, diffusion_steps, generator)          # (B, C)
+                c_in[:, pos - n] = latent.repeat(len(labels) // B, 1)
 
-        grid = (B, tcfg.grid_size, tcfg.grid_size)
         if self.cfg.mode == "discrete":
-            images = self.tokenizer.decode_codes(d[:B].view(grid))
+            images = self.tokenizer.decode_codes(d.view(B, g, g))
         else:
-            images = self.tokenizer.decode(c[:B].transpose(1, 2).reshape(B, -1, *grid[1:]))
+            images = self.tokenizer.decode(c.transpose(1, 2).reshape(B, -1, g, g))
         self.train(was_training)
         return to_uint8(images)
 
-    def sample_token(self, logits, cfg, temperature, top_k, generator):
-        """One discrete token per image from logits (rows, K), rows = B or 2B with guidance."""
-        if cfg != 1.0:
-            logits = classifier_free_guidance(*logits.chunk(2), cfg)
+    def sample_token(self, logits, guidance, temperature, top_k, generator):
+        """One discrete token per image from logits (B, K), or with guidance (2B, K): conditional rows first."""
+        if guidance != 1:
+            logits = classifier_free_guidance(*logits.chunk(2), guidance)
         logits = logits / temperature
         if top_k:
             kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
             logits = logits.masked_fill(logits < kth, float("-inf"))
         return torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator).squeeze(1)   # (B,)
 
-    def sample_latent(self, z, cfg, temperature, steps, generator):
-        """One continuous token per image by running the diffusion head's reverse chain, conditioned on z (rows, D)."""
-        B = len(z) // 2 if cfg != 1.0 else len(z)
+    def sample_latent(self, z, guidance, temperature, steps, generator):
+        """One continuous token per image: the head's reverse chain conditioned on z (B, D), or with guidance (2B, D)."""
+        head = self.diffusion_head
+        z_embedded = head.cond_embed(z)  # the part of the head's condition that is fixed for the chain: once
 
         def eps_fn(x_t, t):  # one head call per diffusion step for the whole batch (both halves when guided)
-            if cfg == 1.0:
-                return self.diffusion_head(x_t, t, z)
-            eps = self.diffusion_head(torch.cat([x_t, x_t]), torch.cat([t, t]), z)
-            return classifier_free_guidance(*eps.chunk(2), cfg)
+            cond = head.embed_time(t[:1]) + z_embedded  # every row is at the same timestep
+            if guidance == 1:
+                return head.predict(x_t, cond)
+            return classifier_free_guidance(*head.predict(torch.cat([x_t, x_t]), cond).chunk(2), guidance)
 
-        shape = (B, self.tokenizer.cfg.latent_channels)
+        shape = (len(z) // 2 if guidance != 1 else len(z), self.tokenizer.cfg.latent_channels)
+        steps = self.cfg.diffusion_steps if steps is None else steps
         dtype = self.class_embed.weight.dtype  # the chain runs in the weights' precision, even under autocast
         return self.diffusion.sample(eps_fn, shape, steps, temperature, generator, z.device, dtype,
                                      clip_x0=self.cfg.clip_latent)

@@ -1,7 +1,7 @@
 """
 Generate images from a stage-2 checkpoint (train.py's model.pt): a PNG grid, an .npz in the ADM evaluator's format
 (arr_0: N x H x W x 3 uint8, and labels), optionally one PNG per image, and optionally FID through fid.py.
-  python sample.py out/model.pt --num-images 100 --cfg 2.0
+  python sample.py out/model.pt --num-images 100 --guidance 2.0
   python sample.py out/model.pt --labels 3,7 --num-images 16 --save-pngs
   torchrun --nproc_per_node 8 sample.py runs/in64/model.pt --num-images 50000 --batch-size 250 --fid-ref ref.npz
 Batch b is drawn with a seed derived from (--seed, b), so the images do not depend on the number of processes.
@@ -35,7 +35,10 @@ def main(argv=None):
     p.add_argument("--labels", type=lambda s: [int(v) for v in s.split(",")], default=None,
                    help="comma-separated class ids, repeated to --num-images (default: every class equally often)")
     p.add_argument("--batch-size", type=positive(int), default=100)
-    p.add_argument("--cfg", type=float, default=1.0, help="classifier-free guidance scale; 1 = none")
+    p.add_argument("--guidance", type=float, default=1.0,
+                   help="classifier-free guidance scale of both phases (1 = none), unless the next flag is given")
+    p.add_argument("--guidance-continuous", type=float, default=None,
+                   help="the guidance scale of the continuous phase alone (discon and continuous modes)")
     p.add_argument("--temperature", type=positive(float), default=1.0)
     p.add_argument("--top-k", type=positive(int, zero=True), default=0, help="0 = sample from every code")
     p.add_argument("--diffusion-steps", type=positive(int), default=None, help="default: the model config's")
@@ -43,10 +46,10 @@ def main(argv=None):
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of their EMA")
     p.add_argument("--real-codes", action="store_true",
                    help="discon mode: condition on the discrete grids (and labels) of --num-images training images "
-                        "(a seeded, class-balanced subset) instead of sampling d: the continuous stage p(c | d, y) alone")
+                        "(a seeded, class-balanced subset) instead of sampling d: p(c | d, y) alone")
     p.add_argument("--save-pngs", action="store_true", help="also write one PNG per image")
     p.add_argument("--fid-ref", default="", help="reference statistics .npz (fid.py --save-stats) for FID")
-    p.add_argument("--fid-mode", default="pytorch-fid", choices=fid.MODES, help="fid.py preprocessing; as the reference's")
+    p.add_argument("--fid-mode", default="pytorch-fid", choices=fid.MODES, help="fid.py preprocessing: the reference's")
     p.add_argument("--fid-weights", default=None, help="Inception weights for fid.py (default: its download)")
     args = p.parse_args(argv)
     rank, local_rank, world, device = setup_distributed()
@@ -103,7 +106,7 @@ def generate(args, rank, world, device):
             x = train.to_model_input(real_images[batches[b]], device, model.tokenizer.cfg.image_size)
             codes = model.tokenizer.encode(x)[1]
         with autocast:
-            images = model.generate(y, cfg=args.cfg, temperature=args.temperature, top_k=args.top_k,
+            images = model.generate(y, args.guidance, args.guidance_continuous, temperature=args.temperature, top_k=args.top_k,
                                     diffusion_steps=args.diffusion_steps, generator=generator, codes=codes)
         mine.append((b, images.permute(0, 2, 3, 1).cpu().numpy()))                     # (B, H, W, 3) uint8
     if world > 1:  # every process's batches to rank 0 only (50k images of 64x64 are 614 MB)
@@ -126,10 +129,20 @@ def generate(args, rank, world, device):
         for i, (image, label) in enumerate(zip(images, labels)):
             Image.fromarray(image).save(os.path.join(out, "images", f"{i:06d}_class{label}.png"))
     print0(f"wrote {npz} and {os.path.join(out, 'grid.png')}")
+    if ckpt["config"]["train"]["dataset"] == "shapes":
+        print_class_accuracy(images, labels, args.checkpoint, "samples")
     if args.fid_ref:
         score = fid_or_fail(args, images, device)
         print0(f"FID {score:.3f} ({n} samples vs {args.fid_ref}, fid.py mode={args.fid_mode}, "
-               f"cfg={args.cfg}, temperature={args.temperature}, {'raw' if args.no_ema else 'EMA'} weights)")
+               f"guidance={args.guidance}/{args.guidance_continuous or args.guidance}, temperature={args.temperature}, {'raw' if args.no_ema else 'EMA'} weights)")
+
+
+def print_class_accuracy(images, labels, checkpoint, what):
+    """The shapes judge's verdict (train.shape_judge, cached beside the checkpoint): overall and per class."""
+    judge = train.shape_judge(images.shape[1], cache_dir=os.path.dirname(os.path.abspath(checkpoint)))
+    overall, per_class = train.class_accuracy(judge, images, labels)
+    print0(f"class accuracy {100 * overall:.1f}% ({what}, {len(images)} images; per class: "
+           + ", ".join(f"{name} {100 * a:.0f}%" for name, a in per_class.items()) + ")")
 
 
 def load_inception_or_fail(args):
@@ -158,7 +171,8 @@ def reconstruct(args, ckpt, out, device):
     tokenizer.to(device).eval()
     data = ckpt["config"]["train"]
     originals, labels, _ = train.load_dataset(data["dataset"], data["data_dir"], tokenizer.cfg.image_size)
-    originals = originals[train.balanced_subset(labels, args.num_images)]
+    subset = train.balanced_subset(labels, args.num_images)
+    originals, labels = originals[subset], labels[subset]
     views = {"continuous": [], "discrete": []}
     for i in tqdm(range(0, len(originals), args.batch_size), desc="reconstructing"):
         c, d = tokenizer.encode(train.to_model_input(originals[i:i + args.batch_size], device, tokenizer.cfg.image_size))
@@ -169,6 +183,8 @@ def reconstruct(args, ckpt, out, device):
         images = np.concatenate(parts)
         atomic_write(os.path.join(out, f"{name}_{len(images)}.npz"), lambda f: np.savez(f, arr_0=images))
         rows.append(images[:10])
+        if data["dataset"] == "shapes":
+            print_class_accuracy(images, labels, args.checkpoint, f"{name} reconstructions")
         if args.fid_ref:
             print0(f"rFID {fid_or_fail(args, images, device):.3f} ({name} view, {len(images)} training images vs "
                    f"{args.fid_ref}, fid.py mode={args.fid_mode})")

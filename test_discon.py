@@ -277,12 +277,12 @@ def test_model_rebuilds_from_its_saved_configs():
 
 def test_training_step_calls_the_diffusion_head_once_on_all_tokens():
     model = tiny_model("discon").train()
-    calls = []
-    model.diffusion_head.register_forward_hook(lambda m, args, out: calls.append(args[0].shape[0]))
+    calls, predict = [], model.diffusion_head.predict
+    model.diffusion_head.predict = lambda x_t, cond: calls.append(len(x_t)) or predict(x_t, cond)
     model(images(3), torch.tensor([0, 1, 2]))
     assert calls == [3 * model.num_tokens * model.cfg.diffusion_batch_mul]
     calls.clear()
-    model.generate(torch.tensor([0, 1, 2]), cfg=2.0, diffusion_steps=5)
+    model.generate(torch.tensor([0, 1, 2]), guidance=2.0, diffusion_steps=5)
     assert calls == [2 * 3] * (5 * model.num_tokens)    # one call per diffusion step, for the whole (guided) batch
 
 
@@ -350,9 +350,9 @@ def test_generate_reproduces_a_memorised_batch(mode):
 def test_generate_returns_seeded_uint8_images(mode):
     model = tiny_model(mode)
     y = torch.tensor([0, 3, 9])
-    a = model.generate(y, cfg=2.0, top_k=8, generator=torch.Generator().manual_seed(7))
-    b = model.generate(y, cfg=2.0, top_k=8, generator=torch.Generator().manual_seed(7))
-    c = model.generate(y, cfg=2.0, top_k=8, generator=torch.Generator().manual_seed(8))
+    a = model.generate(y, guidance=2.0, top_k=8, generator=torch.Generator().manual_seed(7))
+    b = model.generate(y, guidance=2.0, top_k=8, generator=torch.Generator().manual_seed(7))
+    c = model.generate(y, guidance=2.0, top_k=8, generator=torch.Generator().manual_seed(8))
     assert a.dtype == torch.uint8 and a.shape == (3, 3, 16, 16)
     assert torch.equal(a, b) and not torch.equal(a, c)
 
@@ -365,8 +365,8 @@ def test_generate_with_kv_cache_equals_the_slow_path(mode):
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
     y = torch.tensor([1, 4])
-    fast = model.generate(y, cfg=1.5, generator=torch.Generator().manual_seed(0))
-    slow = model.generate(y, cfg=1.5, generator=torch.Generator().manual_seed(0), use_kv_cache=False)
+    fast = model.generate(y, guidance=1.5, generator=torch.Generator().manual_seed(0))
+    slow = model.generate(y, guidance=1.5, generator=torch.Generator().manual_seed(0), use_kv_cache=False)
     assert torch.equal(fast, slow)
 
 
@@ -377,9 +377,9 @@ def test_generate_conditioned_on_given_codes_matches_the_slow_path_and_keeps_the
             p.add_(0.05 * torch.randn_like(p))
     codes = model.tokenizer.encode(images(2).double())[1]
     y = torch.tensor([1, 4])
-    fast = model.generate(y, cfg=1.5, codes=codes, generator=torch.Generator().manual_seed(0))
-    slow = model.generate(y, cfg=1.5, codes=codes, generator=torch.Generator().manual_seed(0), use_kv_cache=False)
-    free = model.generate(y, cfg=1.5, generator=torch.Generator().manual_seed(0))
+    fast = model.generate(y, guidance=1.5, codes=codes, generator=torch.Generator().manual_seed(0))
+    slow = model.generate(y, guidance=1.5, codes=codes, generator=torch.Generator().manual_seed(0), use_kv_cache=False)
+    free = model.generate(y, guidance=1.5, generator=torch.Generator().manual_seed(0))
     assert torch.equal(fast, slow) and not torch.equal(fast, free)
     with pytest.raises(ValueError, match="codes must be"):
         tiny_model("continuous").generate(y, codes=codes)
@@ -388,7 +388,7 @@ def test_generate_conditioned_on_given_codes_matches_the_slow_path_and_keeps_the
 def test_generate_works_under_bf16_autocast():
     model = tiny_model("discon")
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = model.generate(torch.tensor([0, 1]), cfg=2.0, generator=torch.Generator().manual_seed(0))
+        out = model.generate(torch.tensor([0, 1]), guidance=2.0, generator=torch.Generator().manual_seed(0))
         loss = model(images(2), torch.tensor([0, 1]))["loss"]
     assert out.dtype == torch.uint8 and out.shape == (2, 3, 16, 16) and torch.isfinite(loss)
 
@@ -915,9 +915,9 @@ def test_balanced_subset_takes_every_class_and_is_seeded():
 
 def test_batch_does_not_depend_on_the_number_of_processes():
     data = train.make_shapes(64, 16, seed=0) + (10,)
-    tcfg = train.TrainConfig(batch_size=8)
-    x, y, position = train.get_batch(data, (0, 60), tcfg, 0, 1, "cpu", 16)  # 60 + 8 > 64: the next epoch starts
-    halves = [train.get_batch(data, (0, 60), tcfg, rank, 2, "cpu", 16) for rank in (0, 1)]
+    train_cfg = train.TrainConfig(batch_size=8)
+    x, y, position = train.get_batch(data, (0, 60), train_cfg, 0, 1, "cpu", 16)  # 60 + 8 > 64: the next epoch starts
+    halves = [train.get_batch(data, (0, 60), train_cfg, rank, 2, "cpu", 16) for rank in (0, 1)]
     assert torch.equal(x, torch.cat([h[0] for h in halves])) and torch.equal(y, torch.cat([h[1] for h in halves]))
     assert position == (1, 8)
     flipped = x.flip(3) == train.to_model_input(data[0][train.permutation(0, 1, 64)[:8]], "cpu", 16)
@@ -927,10 +927,10 @@ def test_batch_does_not_depend_on_the_number_of_processes():
 # ---------------------------------------------------------------------------------------------------------- training
 
 def test_every_config_field_is_a_flag(capsys):
-    tcfg, tok, model = train.make_configs(["--preset", "cifar10", "--tokenizer.latent_channels", "4", "--n_layer", "6",
-                                           "--compile", "--ema_decay", "0.5"])
-    assert (tok.latent_channels, model.n_layer, tcfg.compile, tcfg.ema_decay) == (4, 6, True, 0.5)
-    assert (tcfg.dataset, model.n_embd) == ("cifar10", 512)  # from the preset
+    train_cfg, tok, model = train.make_configs(["--preset", "cifar10", "--tokenizer.latent_channels", "4",
+                                                "--n_layer", "6", "--compile", "--ema_decay", "0.5"])
+    assert (tok.latent_channels, model.n_layer, train_cfg.compile, train_cfg.ema_decay) == (4, 6, True, 0.5)
+    assert (train_cfg.dataset, model.n_embd) == ("cifar10", 512)  # from the preset
     with pytest.raises(SystemExit):
         train.make_configs(["--help"])
     help_text = capsys.readouterr().out
@@ -974,10 +974,10 @@ def test_resume_after_a_kill_ends_with_the_same_weights(stage, tmp_path, monkeyp
         pass
     lr_at = train.lr_at
 
-    def killed_at_step_3(step, steps, lr, tcfg):  # after the checkpoint of step 2; the stages differ in lr
-        if lr == (tcfg.tokenizer_lr if stage == 1 else tcfg.model_lr) and step == 3:
+    def killed_at_step_3(step, steps, lr, train_cfg):  # after the checkpoint of step 2; the stages differ in lr
+        if lr == (train_cfg.tokenizer_lr if stage == 1 else train_cfg.model_lr) and step == 3:
             raise Killed
-        return lr_at(step, steps, lr, tcfg)
+        return lr_at(step, steps, lr, train_cfg)
     monkeypatch.setattr(train, "lr_at", killed_at_step_3)
     with pytest.raises(Killed):
         train.main(TINY + ["--out_dir", str(tmp_path)])

@@ -65,7 +65,7 @@ class TrainConfig:
     ema_decay: float = 0.999
     log_every: int = 50
     sample_every: int = 1000      # PNG grid: reconstructions (stage 1) or samples (stage 2)
-    sample_cfg: float = 3.0       # guidance of the stage-2 preview grids: 3 makes the classes easier to tell apart at
+    sample_guidance: float = 3.0  # guidance of the stage-2 preview grids: 3 makes the classes easier to tell apart at
                                   # a glance; for FID, 1 scored better in README's comparison (sample.py's default)
     ckpt_every: int = 500
     compile: bool = False         # torch.compile the stage-2 model (stage 1 stays eager: README.md says why)
@@ -165,7 +165,7 @@ def fail(message):
 
 
 def read_or_fail(path, read, hint):
-    """read(path), or fail() in one line naming the file: a missing, truncated or foreign file is for the user to fix."""
+    """read(path), or fail() in one line that names the file: a missing, truncated or foreign file is the user's."""
     try:
         return read(path)
     except Exception as e:  # unpickling, unzipping and torch.load raise anything from EOFError to RuntimeError
@@ -278,6 +278,57 @@ def make_shapes(n, size, seed):
     return images, labels
 
 
+# The shapes judge: since shapes are drawn by code, we know what each sample should show. A small CNN trained on shapes
+# of a seed the training set never uses (it uses 0) tells the ten classes apart; the class accuracy of class-conditional
+# samples (the fraction it assigns to the class they were sampled for) measures whether a model learnt the shapes,
+# which FID at a few thousand samples hardly does. About 10 s on 2 CPU cores, then cached.
+JUDGE_SEED, JUDGE_TEST_SEED = 1, 2
+
+
+def make_judge(image_size):
+    w = 16
+    return nn.Sequential(nn.Conv2d(3, w, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                         nn.Conv2d(w, 2 * w, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                         nn.Conv2d(2 * w, 4 * w, 3, padding=1), nn.ReLU(), nn.AdaptiveMaxPool2d(1),
+                         nn.Flatten(), nn.Linear(4 * w, len(SHAPES)))
+
+
+def shape_judge(image_size, cache_dir=None, steps=400, batch=128, lr=3e-3):
+    """The judge for shapes of this size: loaded from cache_dir/shape_judge_{size}.pt, or trained (and cached there)."""
+    path = cache_dir and os.path.join(cache_dir, f"shape_judge_{image_size}.pt")
+    judge = make_judge(image_size)
+    if path and os.path.exists(path):
+        judge.load_state_dict(torch.load(path, map_location="cpu"))
+        return judge.eval()
+    images, labels = make_shapes(10_000, image_size, seed=JUDGE_SEED)
+    x, y = to_model_input(images, "cpu", image_size), torch.from_numpy(labels)
+    generator = torch.Generator().manual_seed(JUDGE_SEED)
+    with torch.random.fork_rng():
+        torch.manual_seed(JUDGE_SEED)
+        judge = make_judge(image_size)
+    optimizer = torch.optim.AdamW(judge.parameters(), lr=lr)
+    for step in range(steps):
+        optimizer.param_groups[0]["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
+        i = torch.randint(0, len(x), (batch,), generator=generator)
+        loss = F.cross_entropy(judge(x[i]), y[i])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    if path:
+        atomic_write(path, lambda f: torch.save(judge.state_dict(), f))
+    return judge.eval()
+
+
+@torch.no_grad()
+def class_accuracy(judge, images, labels):
+    """uint8 images (N, H, W, 3) sampled for labels (N,) -> (overall accuracy, {class name: accuracy})."""
+    x = to_model_input(images, "cpu", images.shape[1])
+    predicted = torch.cat([judge(x[i:i + 500]).argmax(1) for i in range(0, len(x), 500)]).numpy()
+    labels = np.asarray(labels)
+    per_class = {name: float((predicted[labels == k] == k).mean()) for k, name in enumerate(SHAPES) if (labels == k).any()}
+    return float((predicted == labels).mean()), per_class
+
+
 def prepare_data(name, data_dir, image_size):
     """One-time work, run by one process per node while the others wait: download CIFAR-10, or convert ImageNet-64 or
     an image folder into one uint8 .npy that every process memory-maps (a node's processes share one copy in RAM)."""
@@ -347,8 +398,8 @@ def converted_paths(name, data_dir, image_size):
     if not os.path.isdir(data_dir):
         fail(f"--data_dir {data_dir} is not a directory (the folder dataset wants one sub-directory per class)")
     classes = sorted(d for d in os.listdir(data_dir) if d[0] != "." and os.path.isdir(os.path.join(data_dir, d)))
-    files = [(os.path.join(data_dir, c, f), k) for k, c in enumerate(classes)
-             for f in sorted(os.listdir(os.path.join(data_dir, c))) if f[0] != "." and f.lower().endswith(IMAGE_EXTENSIONS)]
+    files = [(os.path.join(data_dir, c, f), k) for k, c in enumerate(classes) for f in sorted(os.listdir(
+        os.path.join(data_dir, c))) if f[0] != "." and f.lower().endswith(IMAGE_EXTENSIONS)]
     if not files:
         fail(f"no images ({' '.join(IMAGE_EXTENSIONS)}) in the class sub-directories of {data_dir}")
     key = hashlib.sha1(repr([(f, os.stat(f).st_size, os.stat(f).st_mtime_ns) for f, _ in files]).encode()).hexdigest()
@@ -471,7 +522,8 @@ def save_preview(stage, ema, data, step, train_cfg, device, image_size):
     else:
         classes = torch.linspace(0, data[2] - 1, min(data[2], 10)).round().long()
         y = classes.repeat_interleave(8).to(device)
-        images = ema.generate(y, cfg=train_cfg.sample_cfg, generator=torch.Generator(device).manual_seed(train_cfg.seed))
+        generator = torch.Generator(device).manual_seed(train_cfg.seed)
+        images = ema.generate(y, guidance=train_cfg.sample_guidance, generator=generator)
     name = f"{'reconstructions' if stage == 1 else 'samples'}_{step:07d}.png"
     save_grid(images.permute(0, 2, 3, 1).cpu().numpy(), 8, os.path.join(train_cfg.out_dir, name))
 
