@@ -165,7 +165,7 @@ class Tokenizer(nn.Module):
         self.codebook = nn.Embedding(cfg.codebook_size, cfg.latent_channels)
         # Usage starts at zero, so the first training step restarts every code from encoder outputs (a data init).
         self.register_buffer("code_usage", torch.zeros(cfg.codebook_size))
-        # Per-channel statistics of c over the training set (DISCON.md, point 6), set by fit_latent_stats.
+        # Per-channel statistics of c over the training set (README.md), set by fit_latent_stats.
         self.register_buffer("latent_mean", torch.zeros(cfg.latent_channels))
         self.register_buffer("latent_std", torch.ones(cfg.latent_channels))
 
@@ -191,12 +191,17 @@ class Tokenizer(nn.Module):
 
     @torch.no_grad()
     def restart_dead_codes(self, z, generator=None):
-        """Move codes whose usage EMA fell below the threshold onto random encoder outputs of this batch."""
+        """Move codes whose usage EMA fell below the threshold onto random encoder outputs of the whole batch (of every
+        rank, gathered in rank order), so that the codebook does not depend on how the batch is split over ranks."""
         dead = self.code_usage < self.cfg.dead_code_threshold
         n_dead = int(dead.sum())  # the same on every rank: code_usage is all-reduced in update_usage
         if n_dead == 0:
             return
         flat = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])
+        if _distributed():
+            parts = [torch.empty_like(flat) for _ in range(dist.get_world_size())]
+            dist.all_gather(parts, flat.contiguous())
+            flat = torch.cat(parts)
         pick = torch.randint(0, len(flat), (n_dead,), generator=generator, device=flat.device)
         new_codes = flat[pick].to(self.codebook.weight.dtype)
         if _distributed():
@@ -208,8 +213,7 @@ class Tokenizer(nn.Module):
     def update_usage(self, d):
         counts = torch.bincount(d.flatten(), minlength=self.cfg.codebook_size).float()
         if _distributed():
-            dist.all_reduce(counts)
-            counts /= dist.get_world_size()
+            dist.all_reduce(counts)  # the counts of the whole batch, as one process would count them
         self.code_usage.mul_(self.cfg.usage_decay).add_(counts, alpha=1 - self.cfg.usage_decay)
         probs = counts / counts.sum()
         perplexity = torch.exp(-(probs * torch.log(probs.clamp_min(1e-10))).sum())
@@ -220,10 +224,10 @@ class Tokenizer(nn.Module):
         self.check_images(x)
         mean, logvar = self.encoder(x).chunk(2, dim=1)
         logvar = logvar.clamp(-30.0, 20.0)
+        if self.training:  # before the noise: its draws must not depend on how the batch is split over processes
+            self.restart_dead_codes(mean, generator)
         noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
         c = mean + torch.exp(0.5 * logvar) * noise  # sampled posterior: the continuous view
-        if self.training:
-            self.restart_dead_codes(mean, generator)
         q, d, vq_loss = self.quantize(mean)          # the discrete view of the same grid
         rec_c, rec_d = self.decoder(torch.cat([c, q])).chunk(2)
         # L1 reconstruction as LDM's autoencoder uses (without its perceptual and GAN terms: no pretrained nets here).
