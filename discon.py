@@ -192,22 +192,21 @@ class Tokenizer(nn.Module):
     @torch.no_grad()
     def restart_dead_codes(self, z, generator=None):
         """Move codes whose usage EMA fell below the threshold onto random encoder outputs of the whole batch (of every
-        rank, gathered in rank order), so that the codebook does not depend on how the batch is split over ranks."""
-        dead = self.code_usage < self.cfg.dead_code_threshold
-        n_dead = int(dead.sum())  # the same on every rank: code_usage is all-reduced in update_usage
-        if n_dead == 0:
-            return
-        flat = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])
+        rank, gathered in rank order), so that the codebook does not depend on how the batch is split over ranks.
+        Every code draws a candidate and only the dead ones take theirs: counting them would cost a host sync."""
+        flat = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])                             # (B*h*w, C)
         if _distributed():
             parts = [torch.empty_like(flat) for _ in range(dist.get_world_size())]
             dist.all_gather(parts, flat.contiguous())
             flat = torch.cat(parts)
-        pick = torch.randint(0, len(flat), (n_dead,), generator=generator, device=flat.device)
-        new_codes = flat[pick].to(self.codebook.weight.dtype)
+        pick = torch.randint(0, len(flat), (self.cfg.codebook_size,), generator=generator, device=flat.device)
+        candidates = flat[pick].to(self.codebook.weight.dtype)                           # (K, C)
         if _distributed():
-            dist.broadcast(new_codes, src=0)  # every rank must hold the same codebook
-        self.codebook.weight.data[dead] = new_codes
-        self.code_usage[dead] = 1.0  # grace period before a restarted code can be declared dead again
+            dist.broadcast(candidates, src=0)  # every rank must hold the same codebook
+        dead = self.code_usage < self.cfg.dead_code_threshold                            # (K,)
+        self.codebook.weight.data.copy_(torch.where(dead[:, None], candidates, self.codebook.weight))
+        # a restarted code gets a grace period before it can be declared dead again
+        self.code_usage.copy_(torch.where(dead, torch.ones_like(self.code_usage), self.code_usage))
 
     @torch.no_grad()
     def update_usage(self, d):
