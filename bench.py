@@ -10,6 +10,7 @@ import argparse
 import multiprocessing as mp
 import resource
 import time
+from dataclasses import asdict
 
 import numpy as np
 import torch
@@ -19,7 +20,11 @@ import train
 
 
 def timed(fn, repeats):
-    """Median wall time of fn() over `repeats` calls, after one warm-up call."""
+    """Median wall time of fn() over `repeats` calls (one call if 0), after one warm-up call (none if 0)."""
+    if repeats == 0:
+        start = time.perf_counter()
+        fn()
+        return time.perf_counter() - start
     fn()
     times = []
     for _ in range(repeats):
@@ -84,6 +89,43 @@ def kv_cache_speedup(args, preset, mode, batch=16, diffusion_steps=20):
     return fast, slow
 
 
+def load_previous_discon(rev):
+    """discon.py as it was at git revision `rev`, imported as a module of its own."""
+    import importlib.util, os, subprocess, sys, tempfile
+    source = subprocess.run(["git", "show", f"{rev}:discon.py"], capture_output=True, text=True, check=True,
+                            cwd=os.path.dirname(os.path.abspath(__file__))).stdout
+    path = os.path.join(tempfile.mkdtemp(), "discon_previous.py")
+    with open(path, "w") as f:
+        f.write(source)
+    spec = importlib.util.spec_from_file_location("discon_previous", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["discon_previous"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def sampling_against(args, preset, mode, previous, batch):
+    """Images/s of DisCon.generate at its defaults, this version and `previous`, the same model size and batch, timed
+    in turns in one process (guidance 1 and 3)."""
+    torch.set_num_threads(args.threads)
+    _, tok_cfg, model_cfg = train.make_configs(["--preset", preset, "--mode", mode])
+    models = []
+    for module in (discon, previous):
+        torch.manual_seed(0)
+        models.append(module.DisCon(module.DisConConfig(**asdict(model_cfg)),
+                                    module.Tokenizer(module.TokenizerConfig(**asdict(tok_cfg)))).eval())
+    labels = torch.arange(batch) % model_cfg.num_classes
+    rates = []
+    for guidance in (1.0, 3.0):
+        seconds = [[], []]
+        for _ in range(args.repeats):
+            for i, model in enumerate(models):  # the second argument is the guidance scale in both versions
+                seconds[i].append(timed(lambda: model.generate(labels, guidance,
+                                                               generator=torch.Generator().manual_seed(0)), 0))
+        rates.append([batch / float(np.median(s)) for s in seconds])
+    return rates
+
+
 def fid_speed(args):
     """Inception feature extraction images/s, and the Frechet distance against pytorch-fid's scipy.linalg.sqrtm form."""
     import fid
@@ -110,6 +152,7 @@ def main():
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast")
     parser.add_argument("--compile", action="store_true", help="torch.compile the training step")
+    parser.add_argument("--against", default="", help="a git revision: time sampling against its discon.py")
     parser.add_argument("--fid-images", type=int, default=64, help="0 skips the FID rows")
     parser.add_argument("--fid-weights", default=None, help="Inception weights for fid.py (default: its download)")
     args = parser.parse_args()
@@ -138,6 +181,17 @@ def main():
             fast, slow = kv_cache_speedup(args, preset, mode)
             note = " (20 diffusion steps)" if mode == "discon" else ""
             print(f"| {preset}, {mode}{note} | {fast:.2f} | {slow:.2f} | {slow / fast:.1f}x |", flush=True)
+
+    if args.against:
+        previous = load_previous_discon(args.against)
+        print(f"\n| sampling at generate()'s defaults, batch {args.sample_batch} | guidance | this version (img/s) | "
+              f"{args.against} (img/s) | speed-up |\n|---|---|---|---|---|")
+        for preset in args.presets.split(","):
+            for mode in args.modes.split(","):
+                for guidance, (ours, theirs) in zip((1, 3), sampling_against(args, preset, mode, previous,
+                                                                              args.sample_batch)):
+                    print(f"| {preset}, {mode} | {guidance} | {ours:.2f} | {theirs:.2f} | {ours / theirs:.2f}x |",
+                          flush=True)
 
     if args.fid_images:
         images_per_s, speedup = fid_speed(args)

@@ -12,6 +12,7 @@ per token), causal transformer, DisCon (training losses), sampling. Two delibera
 explained in README.md: one tokenizer gives both views (the paper pairs VA-VAE with MaskGIT's VQGAN), and the continuous
 stage is causal, in raster order, one token per step (the paper's figure shows a MAR-like random-order stage).
 """
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -144,6 +145,15 @@ class Decoder(nn.Module):
         return self.net(z)
 
 
+def nearest_code(z, codes):
+    """Index of the nearest code (K, C) for each row of z (M, C). The distances are computed in float32 even under
+    autocast: rounded to bf16 they can make argmin pick a farther code, and training would then see other codes than
+    encode() (run outside autocast) gives at sampling."""
+    with torch.autocast(z.device.type, enabled=False):
+        z, codes = z.float(), codes.float()
+        return (z.pow(2).sum(1, keepdim=True) - 2 * z @ codes.t() + codes.pow(2).sum(1)).argmin(1)   # (M,)
+
+
 class Tokenizer(nn.Module):
     """Images (B, 3, H, W) in [-1, 1] <-> continuous grid c (B, C, h, w) and discrete grid d (B, h, w)."""
 
@@ -155,7 +165,7 @@ class Tokenizer(nn.Module):
         self.codebook = nn.Embedding(cfg.codebook_size, cfg.latent_channels)
         # Usage starts at zero, so the first training step restarts every code from encoder outputs (a data init).
         self.register_buffer("code_usage", torch.zeros(cfg.codebook_size))
-        # Per-channel statistics of c over the training set (DISCON.md, point 6), set by fit_latent_stats.
+        # Per-channel statistics of c over the training set (README.md), set by fit_latent_stats.
         self.register_buffer("latent_mean", torch.zeros(cfg.latent_channels))
         self.register_buffer("latent_std", torch.ones(cfg.latent_channels))
 
@@ -172,13 +182,7 @@ class Tokenizer(nn.Module):
     def quantize(self, z):
         """Nearest-code quantization of z (B, C, h, w) -> (straight-through quantized grid, d, VQ loss)."""
         B, C, h, w = z.shape
-        flat = z.permute(0, 2, 3, 1).reshape(-1, C)                                      # (B*h*w, C)
-        # Distances in float32 even under autocast: rounded to bf16 they can make argmin pick a farther code, and
-        # training would then see other codes than encode() (run outside autocast) gives at sampling.
-        with torch.autocast(z.device.type, enabled=False):
-            flat32, codes = flat.float(), self.codebook.weight.float()
-            dist2 = flat32.pow(2).sum(1, keepdim=True) - 2 * flat32 @ codes.t() + codes.pow(2).sum(1)  # (B*h*w, K)
-            d = dist2.argmin(1)
+        d = nearest_code(z.permute(0, 2, 3, 1).reshape(-1, C), self.codebook.weight)    # (B*h*w,)
         q = self.codebook(d).view(B, h, w, C).permute(0, 3, 1, 2)                        # (B, C, h, w)
         # VQ-VAE losses: the codebook term moves codes to the encoder outputs, the commitment term the other way.
         vq_loss = F.mse_loss(q, z.detach()) + self.cfg.commitment_weight * F.mse_loss(z, q.detach())
@@ -187,25 +191,28 @@ class Tokenizer(nn.Module):
 
     @torch.no_grad()
     def restart_dead_codes(self, z, generator=None):
-        """Move codes whose usage EMA fell below the threshold onto random encoder outputs of this batch."""
-        dead = self.code_usage < self.cfg.dead_code_threshold
-        n_dead = int(dead.sum())  # the same on every rank: code_usage is all-reduced in update_usage
-        if n_dead == 0:
-            return
-        flat = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])
-        pick = torch.randint(0, len(flat), (n_dead,), generator=generator, device=flat.device)
-        new_codes = flat[pick].to(self.codebook.weight.dtype)
+        """Move codes whose usage EMA fell below the threshold onto random encoder outputs of the whole batch (of every
+        rank, gathered in rank order), so that the codebook does not depend on how the batch is split over ranks.
+        Every code draws a candidate and only the dead ones take theirs: counting them would cost a host sync."""
+        flat = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])                             # (B*h*w, C)
         if _distributed():
-            dist.broadcast(new_codes, src=0)  # every rank must hold the same codebook
-        self.codebook.weight.data[dead] = new_codes
-        self.code_usage[dead] = 1.0  # grace period before a restarted code can be declared dead again
+            parts = [torch.empty_like(flat) for _ in range(dist.get_world_size())]
+            dist.all_gather(parts, flat.contiguous())
+            flat = torch.cat(parts)
+        pick = torch.randint(0, len(flat), (self.cfg.codebook_size,), generator=generator, device=flat.device)
+        candidates = flat[pick].to(self.codebook.weight.dtype)                           # (K, C)
+        if _distributed():
+            dist.broadcast(candidates, src=0)  # every rank must hold the same codebook
+        dead = self.code_usage < self.cfg.dead_code_threshold                            # (K,)
+        self.codebook.weight.data.copy_(torch.where(dead[:, None], candidates, self.codebook.weight))
+        # a restarted code gets a grace period before it can be declared dead again
+        self.code_usage.copy_(torch.where(dead, torch.ones_like(self.code_usage), self.code_usage))
 
     @torch.no_grad()
     def update_usage(self, d):
         counts = torch.bincount(d.flatten(), minlength=self.cfg.codebook_size).float()
         if _distributed():
-            dist.all_reduce(counts)
-            counts /= dist.get_world_size()
+            dist.all_reduce(counts)  # the counts of the whole batch, as one process would count them
         self.code_usage.mul_(self.cfg.usage_decay).add_(counts, alpha=1 - self.cfg.usage_decay)
         probs = counts / counts.sum()
         perplexity = torch.exp(-(probs * torch.log(probs.clamp_min(1e-10))).sum())
@@ -216,10 +223,10 @@ class Tokenizer(nn.Module):
         self.check_images(x)
         mean, logvar = self.encoder(x).chunk(2, dim=1)
         logvar = logvar.clamp(-30.0, 20.0)
+        if self.training:  # before the noise: its draws must not depend on how the batch is split over processes
+            self.restart_dead_codes(mean, generator)
         noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
         c = mean + torch.exp(0.5 * logvar) * noise  # sampled posterior: the continuous view
-        if self.training:
-            self.restart_dead_codes(mean, generator)
         q, d, vq_loss = self.quantize(mean)          # the discrete view of the same grid
         rec_c, rec_d = self.decoder(torch.cat([c, q])).chunk(2)
         # L1 reconstruction as LDM's autoencoder uses (without its perceptual and GAN terms: no pretrained nets here).
@@ -270,6 +277,27 @@ class Tokenizer(nn.Module):
         self.latent_mean.copy_(mu)
         self.latent_std.copy_(std)
         return self.latent_mean.clone(), self.latent_std.clone()
+
+    @torch.no_grad()
+    def refit_codebook(self, batches, codebook_size, iterations=20, generator=None):
+        """Replace the codebook by `codebook_size` k-means centres (Lloyd's algorithm) of the encoder means over an
+        iterable of image batches: a discrete view of another size on the same frozen continuous view. Only c is
+        decoded well afterwards (the decoder was trained on the old codes); README's codebook-size sweep uses it."""
+        C = self.cfg.latent_channels
+        z = torch.cat([self.encoder(x.to(self.latent_mean.device))[:, :C].permute(0, 2, 3, 1).reshape(-1, C)
+                       for x in batches])                                                   # (M, C)
+        if len(z) < codebook_size:
+            raise ValueError(f"{len(z)} latent vectors cannot be fitted with {codebook_size} codes; give more images")
+        pick = lambda n: z[torch.randperm(len(z), generator=generator, device=z.device)[:n]]
+        centres = pick(codebook_size)
+        for _ in range(iterations):
+            assign = torch.cat([nearest_code(part, centres) for part in z.split(65536)])
+            counts = torch.bincount(assign, minlength=codebook_size)[:, None]
+            sums = torch.zeros_like(centres).index_add_(0, assign, z)
+            centres = torch.where(counts > 0, sums / counts.clamp_min(1), pick(codebook_size))  # empty: reseed
+        self.cfg = dataclasses.replace(self.cfg, codebook_size=codebook_size)
+        self.codebook = nn.Embedding.from_pretrained(centres, freeze=False).requires_grad_(self.codebook.weight.requires_grad)
+        self.code_usage = torch.ones(codebook_size, device=z.device)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -5,8 +5,9 @@
     python fid.py --save-stats ref/ ref_stats.npz                      # mu, sigma: pytorch-fid's format
 
 A and B are each a folder of images (.png .jpg .jpeg .webp .bmp .tif .tiff in any case; not recursive, as pytorch-fid;
-sorted by name), an ADM-style .npz of images (arr_0: N x H x W x 3 uint8), or a statistics .npz (mu, sigma: the format
-of pytorch-fid and of the ADM reference batches). All images of one input must have the same size.
+sorted by name; hidden files skipped), an ADM-style .npz of images (arr_0: N x H x W x 3 uint8), or a statistics .npz
+(mu, sigma: the format of pytorch-fid and of the ADM reference batches). All images of one input must have the same
+size. Every image becomes 8-bit RGB as read_rgb says: 16-bit grey is scaled, transparency is composited onto white.
 
 The network is pytorch-fid's port of the TF graph in both modes; the modes differ only in preprocessing:
   pytorch-fid (default)  uint8 / 255, F.interpolate bilinear to 299 (half-pixel centres), then 2x - 1. Follows pytorch-fid
@@ -28,7 +29,9 @@ Python API (images: folder path, .npz path, uint8 numpy N,H,W,3, or uint8 torch 
 """
 import argparse
 import contextlib
+import math
 import os
+import socket
 import sys
 import warnings
 import zipfile
@@ -270,6 +273,52 @@ def load_inception(weights=None, device="cpu"):
     return model.eval().requires_grad_(False).to(device)
 
 # ----------------------------------------------------------------------------------------------------------------------
+# Files and flags, shared with train.py and sample.py
+
+
+def positive(kind, zero=False):
+    """An argparse type: a finite `kind` > 0 (>= 0 with zero=True), so that a bad value fails naming its flag."""
+    def parse(text):
+        value = kind(text)
+        if not (math.isfinite(value) and (value >= 0 if zero else value > 0)):
+            raise argparse.ArgumentTypeError(f"must be {'>= 0' if zero else '> 0'}, got {text}")
+        return value
+    parse.__name__ = kind.__name__  # argparse names it in "invalid int value: 'x'"
+    return parse
+
+
+def atomic_write(path, write):
+    """write(f) into a temporary file in the same directory, fsync, then os.replace (atomic on POSIX): a crash or a
+    kill mid-write leaves the previous file at `path` intact and loadable."""
+    tmp = f"{path}.tmp.{socket.gethostname()}.{os.getpid()}"  # unique even when nodes share the directory
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def read_rgb(path):
+    """An image file -> uint8 (H, W, 3), or a ValueError naming the file. 16-bit grey (mode I;16) is scaled to 8 bits
+    (Pillow's convert clips it at 255: white); transparent images are composited onto white, not stripped of alpha
+    (fully transparent pixels may hold any colour); 32-bit integer, float and Lab images have no defined white: refused."""
+    try:
+        with Image.open(path) as im:
+            if im.mode in ("I", "F", "LAB"):
+                raise ValueError(f"mode {im.mode} has no defined conversion to 8-bit RGB: save it as 8- or 16-bit")
+            if im.mode.startswith("I;16"):
+                return np.repeat((np.asarray(im, np.float32) / 257).round().astype(np.uint8)[..., None], 3, axis=2)
+            if "A" in im.getbands() or "transparency" in im.info:
+                im = Image.alpha_composite(Image.new("RGBA", im.size, "white"), im.convert("RGBA"))
+            return np.asarray(im.convert("RGB"))
+    except Exception as e:  # Pillow raises OSError, ValueError, SyntaxError, ... for damaged or foreign files
+        raise ValueError(f"cannot read image {path}: {e}") from e
+
+# ----------------------------------------------------------------------------------------------------------------------
 # Inputs and features
 
 
@@ -293,7 +342,8 @@ def npz_image_batches(path, batch_size):
 def image_batches(images, batch_size):
     """(number of images, iterator of uint8 (B, 3, H, W) torch batches) for any input the API accepts."""
     if isinstance(images, (str, os.PathLike)) and os.path.isdir(images):
-        files = sorted(os.path.join(images, f) for f in os.listdir(images) if f.lower().endswith(IMAGE_EXTENSIONS))
+        files = sorted(os.path.join(images, f) for f in os.listdir(images)
+                       if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith("."))
         if not files:
             raise ValueError(f"no images ({' '.join(IMAGE_EXTENSIONS)}) in folder {images}")
         sizes = {}
@@ -303,7 +353,7 @@ def image_batches(images, batch_size):
         if len(sizes) > 1:
             (s1, f1), (s2, f2) = list(sizes.items())[:2]
             raise ValueError(f"images of mixed sizes: {f1} is {s1[0]}x{s1[1]}, {f2} is {s2[0]}x{s2[1]}")
-        batches = (np.stack([np.asarray(Image.open(f).convert("RGB")) for f in files[i:i + batch_size]])
+        batches = (np.stack([read_rgb(f) for f in files[i:i + batch_size]])
                    for i in range(0, len(files), batch_size))
         n = len(files)
     elif isinstance(images, (str, os.PathLike)):
@@ -362,7 +412,11 @@ def load_statistics(path, mode=None):
     'num_images' (pytorch-fid's and ADM's do not): a mode other than `mode` is warned about."""
     if not (isinstance(path, (str, os.PathLike)) and str(path).endswith(".npz") and os.path.isfile(path)):
         return None
-    with np.load(path) as npz:
+    try:
+        npz = np.load(path)
+    except (zipfile.BadZipFile, EOFError, OSError, ValueError) as e:  # e.g. truncated by a killed write or copy
+        raise ValueError(f"{path} is not a readable .npz: {type(e).__name__}: {e}") from e
+    with npz:
         if "mu" not in npz.files or "sigma" not in npz.files:
             if "arr_0" in npz.files:
                 return None  # images
@@ -377,6 +431,8 @@ def statistics_from_features(features):
     n, d = features.shape
     if n < 2:
         raise ValueError(f"need at least 2 images to estimate a covariance, got {n}")
+    if not np.isfinite(features).all():
+        raise ValueError("the Inception features are not finite (NaN or inf): broken weights, or NaN in the images?")
     if n < d:
         warnings.warn(f"{n} images < {d} feature dimensions: the covariance is rank-deficient and FID is biased "
                       "upwards; not comparable with numbers from 50k samples")
@@ -447,15 +503,24 @@ def main(argv=None):
     p.add_argument("B", help="the same kinds as A; with --save-stats, the .npz to write")
     p.add_argument("--save-stats", action="store_true", help="write the statistics of the images A to the .npz B")
     p.add_argument("--mode", choices=MODES, default="pytorch-fid", help="preprocessing standard (see the docstring)")
-    p.add_argument("--batch-size", type=int, default=50)
+    p.add_argument("--batch-size", type=positive(int), default=50)
     p.add_argument("--device", default=default_device())
     p.add_argument("--weights", default=None, help=f"pytorch-fid's {WEIGHTS_FILE} or NVIDIA's inception-2015-12-05.pt")
     args = p.parse_args(argv)
-    args.paths = [args.A, args.B]
-    try:
+    sources = [args.A] if args.save_stats else [args.A, args.B]
+    try:  # what can be checked is checked before the Inception runs
+        for src in sources:
+            if not os.path.exists(src):
+                raise ValueError(f"{src}: no such file or folder")
+        if args.save_stats:
+            folder = os.path.dirname(os.path.abspath(args.B))
+            if not (args.B.endswith(".npz") and os.path.isdir(folder) and os.access(folder, os.W_OK)):
+                raise ValueError(f"--save-stats: cannot write {args.B} (it must end in .npz, in a writable folder)")
+            if load_statistics(args.A) is not None:
+                raise ValueError(f"{args.A} is a statistics file; --save-stats needs images")
         model = load_inception(args.weights, args.device)
         stats, described, logits_a = [], [], None
-        for i, src in enumerate(args.paths[:1] if args.save_stats else args.paths):
+        for i, src in enumerate(sources):
             loaded = load_statistics(src, args.mode)
             if loaded is not None:
                 stats.append(loaded)
@@ -471,11 +536,9 @@ def main(argv=None):
         info = f"fid.py (pytorch-fid port) | mode={args.mode} | weights={model.weights_path} | " + " | ".join(
             f"{name}: {d}" for name, d in zip("AB", described))
         if args.save_stats:
-            if loaded is not None:
-                raise ValueError(f"{args.paths[0]} is a statistics file; --save-stats needs images")
-            np.savez_compressed(args.paths[1], mu=stats[0][0], sigma=stats[0][1], mode=args.mode,
-                                num_images=len(features))
-            print(f"saved statistics of A to {args.paths[1]}\n{info}")
+            atomic_write(args.B, lambda file: np.savez_compressed(file, mu=stats[0][0], sigma=stats[0][1],
+                                                                  mode=args.mode, num_images=len(features)))
+            print(f"saved statistics of A to {args.B}\n{info}")
             return
         print(f"FID: {frechet_distance(*stats[0], *stats[1]):.4f}")
         if logits_a is not None:

@@ -5,8 +5,9 @@ Generate images from a stage-2 checkpoint (train.py's model.pt): a PNG grid, an 
   python sample.py out/model.pt --labels 3,7 --num-images 16 --save-pngs
   torchrun --nproc_per_node 8 sample.py runs/in64/model.pt --num-images 50000 --batch-size 250 --fid-ref ref.npz
 Batch b is drawn with a seed derived from (--seed, b), so the images do not depend on the number of processes.
-Given a stage-1 checkpoint (tokenizer.pt), it reconstructs the first --num-images training images through both views
-instead (one process), and with --fid-ref reports the reconstruction FID of each: the paper's Figure 1 measurement.
+Given a stage-1 checkpoint (tokenizer.pt), it reconstructs --num-images training images (a seeded, class-balanced
+subset) through both views instead (one process), and with --fid-ref reports the reconstruction FID of each: the
+paper's Figure 1 measurement.
   python sample.py out/tokenizer.pt --num-images 1000 --fid-ref ref.npz
 """
 import argparse
@@ -20,33 +21,35 @@ from PIL import Image
 from tqdm import tqdm
 
 import discon
+import fid
 import train
-from train import derived_seed, fail, print0, save_grid, setup_distributed
+from fid import atomic_write, positive
+from train import derived_seed, fail, load_checkpoint, print0, save_grid, setup_distributed
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", help="a checkpoint written by train.py: model.pt samples, tokenizer.pt reconstructs")
     p.add_argument("--out", default="", help="output directory (default: samples/ beside the checkpoint)")
-    p.add_argument("--num-images", type=int, default=100)
+    p.add_argument("--num-images", type=positive(int), default=100)
     p.add_argument("--labels", type=lambda s: [int(v) for v in s.split(",")], default=None,
                    help="comma-separated class ids, repeated to --num-images (default: every class equally often)")
-    p.add_argument("--batch-size", type=int, default=100)
+    p.add_argument("--batch-size", type=positive(int), default=100)
     p.add_argument("--guidance", type=float, default=1.0,
                    help="classifier-free guidance scale of both phases (1 = none), unless the next flag is given")
     p.add_argument("--guidance-continuous", type=float, default=None,
                    help="the guidance scale of the continuous phase alone (discon and continuous modes)")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0, help="0 = sample from every code")
-    p.add_argument("--diffusion-steps", type=int, default=None, help="default: the model config's diffusion_steps")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--temperature", type=positive(float), default=1.0)
+    p.add_argument("--top-k", type=positive(int, zero=True), default=0, help="0 = sample from every code")
+    p.add_argument("--diffusion-steps", type=positive(int), default=None, help="default: the model config's")
+    p.add_argument("--seed", type=positive(int, zero=True), default=0)
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of their EMA")
     p.add_argument("--real-codes", action="store_true",
-                   help="discon mode: condition on the discrete grids (and labels) of the first --num-images training "
-                        "images instead of sampling d, which measures the continuous stage p(c | d, y) alone")
+                   help="discon mode: condition on the discrete grids (and labels) of --num-images training images "
+                        "(a seeded, class-balanced subset) instead of sampling d: p(c | d, y) alone")
     p.add_argument("--save-pngs", action="store_true", help="also write one PNG per image")
     p.add_argument("--fid-ref", default="", help="reference statistics .npz (fid.py --save-stats) for FID")
-    p.add_argument("--fid-mode", default="pytorch-fid", help="fid.py preprocessing; must match the reference's")
+    p.add_argument("--fid-mode", default="pytorch-fid", choices=fid.MODES, help="fid.py preprocessing: the reference's")
     p.add_argument("--fid-weights", default=None, help="Inception weights for fid.py (default: its download)")
     args = p.parse_args(argv)
     rank, local_rank, world, device = setup_distributed()
@@ -58,22 +61,20 @@ def main(argv=None):
 
 
 def generate(args, rank, world, device):
-    if not os.path.isfile(args.checkpoint):
-        fail(f"no checkpoint at {args.checkpoint}")
-    try:
-        ckpt = torch.load(args.checkpoint, map_location="cpu")
-    except Exception as e:  # a torch.load of a file that is no checkpoint raises anything from pickle to zipfile
-        fail(f"cannot read {args.checkpoint} as a checkpoint of train.py: {e}")
-    if not isinstance(ckpt, dict):
-        fail(f"{args.checkpoint} is not a checkpoint of train.py (model.pt or tokenizer.pt)")
-    if ckpt.get("stage") == 1:
-        return reconstruct(args, ckpt, device) if rank == 0 else None
-    if ckpt.get("stage") != 2:
-        fail(f"{args.checkpoint} is not a checkpoint of train.py (model.pt or tokenizer.pt)")
+    ckpt = load_checkpoint(args.checkpoint)
+    out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)),
+                                   "reconstructions" if ckpt["stage"] == 1 else "samples")
+    if rank == 0:  # the outputs and FID's inputs are checked before the work, not after it
+        train.writable_or_fail(out, clean=True)
+        args.inception = load_inception_or_fail(args) if args.fid_ref else None
+    if ckpt["stage"] == 1:
+        return reconstruct(args, ckpt, out, device) if rank == 0 else None
     model = discon.build_model(ckpt["config"]["tokenizer"], ckpt["config"]["model"])
     model.load_state_dict(ckpt["model" if args.no_ema else "ema"])
     model.to(device).eval()
     num_classes = model.cfg.num_classes
+    if args.diffusion_steps and args.diffusion_steps > model.cfg.num_timesteps:
+        fail(f"--diffusion-steps {args.diffusion_steps} is more than the model's {model.cfg.num_timesteps} timesteps")
 
     real_images = None
     if args.real_codes:  # the training images whose discrete grids condition the continuous stage
@@ -81,7 +82,8 @@ def generate(args, rank, world, device):
             fail(f"--real-codes needs a discon-mode model, this one is {model.cfg.mode!r}")
         data = ckpt["config"]["train"]
         real_images, labels, _ = train.load_dataset(data["dataset"], data["data_dir"], model.tokenizer.cfg.image_size)
-        real_images, labels = real_images[:args.num_images], np.asarray(labels[:args.num_images])
+        subset = train.balanced_subset(labels, args.num_images)
+        real_images, labels = real_images[subset], labels[subset]
     elif args.labels:  # the given classes, repeated to the requested number of images
         if min(args.labels) < 0 or max(args.labels) >= num_classes:
             fail(f"--labels must be class ids in [0, {num_classes})")
@@ -97,7 +99,7 @@ def generate(args, rank, world, device):
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     mine = []
     for b in tqdm(range(rank, len(batches), world), desc="sampling", disable=rank != 0):
-        y = torch.from_numpy(labels[batches[b]]).to(device)
+        y = train.to_device(labels[batches[b]], device)
         generator = torch.Generator(device).manual_seed(derived_seed(args.seed, b))
         codes = None
         if real_images is not None:
@@ -107,19 +109,17 @@ def generate(args, rank, world, device):
             images = model.generate(y, args.guidance, args.guidance_continuous, temperature=args.temperature, top_k=args.top_k,
                                     diffusion_steps=args.diffusion_steps, generator=generator, codes=codes)
         mine.append((b, images.permute(0, 2, 3, 1).cpu().numpy()))                     # (B, H, W, 3) uint8
-    if world > 1:  # collect every process's batches on all of them (NCCL has no gather to one rank of objects)
-        gathered = [None] * world
-        dist.all_gather_object(gathered, mine)
-        mine = [item for part in gathered for item in part]
+    if world > 1:  # every process's batches to rank 0 only (50k images of 64x64 are 614 MB)
+        gathered = [None] * world if rank == 0 else None
+        dist.gather_object(mine, gathered, dst=0)
+        mine = [item for part in gathered or [] for item in part]
     if rank != 0:
         return
     images = np.concatenate([x for _, x in sorted(mine, key=lambda item: item[0])])   # (N, H, W, 3) in label order
 
-    out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "samples")
-    os.makedirs(out, exist_ok=True)
     n, h, w, _ = images.shape
     npz = os.path.join(out, f"samples_{n}x{h}x{w}x3.npz")
-    np.savez(npz, arr_0=images, labels=labels)
+    atomic_write(npz, lambda f: np.savez(f, arr_0=images, labels=labels))
     # The grid: one row per class (10 classes and 10 images each at most), in label order.
     rows = [images[labels == k][:10] for k in dict.fromkeys(labels.tolist())][:10]
     grid = np.concatenate([np.concatenate([r, np.zeros((10 - len(r), h, w, 3), np.uint8)]) for r in rows])
@@ -145,35 +145,43 @@ def print_class_accuracy(images, labels, checkpoint, what):
            + ", ".join(f"{name} {100 * a:.0f}%" for name, a in per_class.items()) + ")")
 
 
-def fid_or_fail(args, images, device):
-    import fid  # imported here: sampling alone needs neither fid.py nor the Inception weights
+def load_inception_or_fail(args):
+    if not os.path.exists(args.fid_ref):
+        fail(f"--fid-ref {args.fid_ref}: no such file or folder")
     try:
-        inception = fid.load_inception(args.fid_weights, device)
+        fid.load_statistics(args.fid_ref)  # reads a statistics .npz: a damaged one fails here
+        return fid.load_inception(args.fid_weights, "cpu")
+    except (ValueError, RuntimeError, OSError) as e:
+        fail(f"--fid-ref or --fid-weights: {e}")
+
+
+def fid_or_fail(args, images, device):
+    try:
+        inception = args.inception.to(device)
         return fid.fid_from_images(images, args.fid_ref, mode=args.fid_mode, model=inception, device=device)
     except (ValueError, RuntimeError, OSError) as e:
         fail(f"the images are written, but FID failed: {e}")
 
 
 @torch.no_grad()
-def reconstruct(args, ckpt, device):
-    """Stage 1: the first --num-images training images through decode(c) and decode_codes(d), and their rFID."""
+def reconstruct(args, ckpt, out, device):
+    """Stage 1: --num-images training images through decode(c) and decode_codes(d), and their rFID."""
     tokenizer = discon.Tokenizer(discon.TokenizerConfig(**ckpt["config"]["tokenizer"]))
     tokenizer.load_state_dict(ckpt["model" if args.no_ema else "ema"])
     tokenizer.to(device).eval()
     data = ckpt["config"]["train"]
     originals, labels, _ = train.load_dataset(data["dataset"], data["data_dir"], tokenizer.cfg.image_size)
-    originals, labels = originals[:args.num_images], labels[:args.num_images]
+    subset = train.balanced_subset(labels, args.num_images)
+    originals, labels = originals[subset], labels[subset]
     views = {"continuous": [], "discrete": []}
     for i in tqdm(range(0, len(originals), args.batch_size), desc="reconstructing"):
         c, d = tokenizer.encode(train.to_model_input(originals[i:i + args.batch_size], device, tokenizer.cfg.image_size))
         for name, x in (("continuous", tokenizer.decode(c)), ("discrete", tokenizer.decode_codes(d))):
             views[name].append(discon.to_uint8(x).permute(0, 2, 3, 1).cpu().numpy())
-    out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "reconstructions")
-    os.makedirs(out, exist_ok=True)
     rows = [np.asarray(originals[:10])]
     for name, parts in views.items():
         images = np.concatenate(parts)
-        np.savez(os.path.join(out, f"{name}_{len(images)}.npz"), arr_0=images)
+        atomic_write(os.path.join(out, f"{name}_{len(images)}.npz"), lambda f: np.savez(f, arr_0=images))
         rows.append(images[:10])
         if data["dataset"] == "shapes":
             print_class_accuracy(images, labels, args.checkpoint, f"{name} reconstructions")

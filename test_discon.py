@@ -13,6 +13,7 @@ import os
 import pickle
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import tarfile
@@ -970,6 +971,30 @@ def test_all_input_formats_give_the_same_pixels(tmp_path):
         assert torch.equal(torch.cat(list(batches)), torch.from_numpy(images).permute(0, 3, 1, 2))
 
 
+def test_16_bit_grey_and_transparent_images_become_8_bit_rgb(tmp_path):
+    grey = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    Image.fromarray(grey.astype(np.uint16) * 257).save(tmp_path / "grey16.png")  # 0..65535
+    Image.fromarray(grey).save(tmp_path / "grey8.png")
+    assert Image.open(tmp_path / "grey16.png").mode == "I;16"  # what Pillow's convert("RGB") clips to white
+    assert np.array_equal(fid.read_rgb(tmp_path / "grey16.png"), fid.read_rgb(tmp_path / "grey8.png"))
+    assert np.array_equal(fid.read_rgb(tmp_path / "grey8.png"), np.repeat(grey[..., None], 3, axis=2))
+    rgba = np.array([[[200, 10, 10, 255], [0, 0, 255, 0]], [[0, 0, 0, 128], [0, 0, 0, 0]]], np.uint8)
+    Image.fromarray(rgba).save(tmp_path / "rgba.png")  # opaque red, transparent blue, half-transparent black
+    assert fid.read_rgb(tmp_path / "rgba.png").tolist() == [[[200, 10, 10], [255, 255, 255]],
+                                                             [[127, 127, 127], [255, 255, 255]]]  # onto white
+    Image.fromarray(rgba[..., 3]).convert("P").save(tmp_path / "palette.png", transparency=0)
+    assert fid.read_rgb(tmp_path / "palette.png")[1, 1].tolist() == [255, 255, 255]  # index 0 is transparent
+    Image.new("F", (4, 4)).save(tmp_path / "float.tif")
+    with pytest.raises(ValueError, match="float.tif: mode F"):
+        fid.read_rgb(tmp_path / "float.tif")
+    # fid.py and the folder dataset read a 16-bit copy of a folder as its 8-bit original (fid.py scored them 222)
+    for depth in (8, 16):
+        os.makedirs(tmp_path / f"set{depth}" / "grey")
+        shutil.copy(tmp_path / f"grey{depth}.png", tmp_path / f"set{depth}" / "grey" / "a.png")
+    assert torch.equal(*(next(fid.image_batches(str(tmp_path / f"set{d}" / "grey"), 1)[1]) for d in (8, 16)))
+    assert np.array_equal(*(train.load_dataset("folder", str(tmp_path / f"set{d}"), 16)[0] for d in (8, 16)))
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Network
 
@@ -1195,6 +1220,19 @@ def assert_same_weights(a, b, atol=0.0):
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=atol, msg=k)
 
 
+class FakeInception(torch.nn.Module):
+    """Stands in for the Inception where a test needs only fid.py's checks: the features are the mean pixel times
+    `scale` (NaN makes them non-finite)."""
+    weights_path = "fake"
+
+    def __init__(self, scale=1.0):
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.tensor(scale))
+
+    def forward(self, x):
+        return x.mean((1, 2, 3))[:, None] * torch.linspace(1, 2, 2048) * self.scale, None
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """One tiny run of both stages, shared by the tests that only read its outputs."""
@@ -1220,18 +1258,18 @@ def test_shapes_are_deterministic_and_cover_every_class():
     assert set(labels.tolist()) == set(range(len(train.SHAPES)))
 
 
-def fake_cifar_batches(root):
+def fake_cifar_batches(root, labels=10):
     os.makedirs(root)
     rng = np.random.default_rng(0)
     for name, n in [(f"data_batch_{i}", 3) for i in range(1, 6)] + [("test_batch", 2)]:
-        batch = {b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), b"labels": rng.integers(0, 10, n).tolist()}
+        batch = {b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), b"labels": rng.integers(0, labels, n).tolist()}
         with open(os.path.join(root, name), "wb") as f:
             pickle.dump(batch, f)
 
 
 def test_cifar10_pickle_batches_load_as_hwc_images(tmp_path):
     fake_cifar_batches(tmp_path / "cifar-10-batches-py")
-    train.prepare_data("cifar10", str(tmp_path))  # present: no download
+    train.prepare_data("cifar10", str(tmp_path), 32)  # present: no download
     images, labels, num_classes = train.load_dataset("cifar10", str(tmp_path), 32)
     with open(tmp_path / "cifar-10-batches-py" / "data_batch_1", "rb") as f:
         first = pickle.load(f, encoding="bytes")
@@ -1248,10 +1286,20 @@ def test_cifar10_download_is_checksummed_and_extracted(tmp_path, monkeypatch):
         tar.add(tmp_path / "src" / "cifar-10-batches-py", arcname="cifar-10-batches-py")
     monkeypatch.setattr(urllib.request, "urlopen", lambda url, timeout: io.BytesIO(archive.getvalue()))
     with pytest.raises(SystemExit, match="MD5"):  # not the official archive
-        train.prepare_data("cifar10", str(tmp_path / "data"))
+        train.prepare_data("cifar10", str(tmp_path / "data"), 32)
     monkeypatch.setattr(train, "CIFAR_MD5", hashlib.md5(archive.getvalue()).hexdigest())
-    train.prepare_data("cifar10", str(tmp_path / "data"))
+    train.prepare_data("cifar10", str(tmp_path / "data"), 32)
     assert train.load_dataset("cifar10", str(tmp_path / "data"), 32)[0].shape == (15, 32, 32, 3)
+    extractall = tarfile.TarFile.extractall
+
+    def without_filters(self, path, **kwargs):  # a Python from before tar filters
+        if "filter" in kwargs:
+            raise TypeError("extractall() got an unexpected keyword argument 'filter'")
+        return extractall(self, path, **kwargs)
+    monkeypatch.setattr(tarfile.TarFile, "extractall", without_filters)
+    monkeypatch.delattr(tarfile, "data_filter")
+    train.prepare_data("cifar10", str(tmp_path / "old_python"), 32)
+    assert train.load_dataset("cifar10", str(tmp_path / "old_python"), 32)[0].shape == (15, 32, 32, 3)
 
 
 def test_cifar10_offline_says_where_to_put_the_files(tmp_path, monkeypatch):
@@ -1259,7 +1307,7 @@ def test_cifar10_offline_says_where_to_put_the_files(tmp_path, monkeypatch):
         raise urllib.error.URLError("no network")
     monkeypatch.setattr(urllib.request, "urlopen", offline)
     with pytest.raises(SystemExit) as e:
-        train.prepare_data("cifar10", str(tmp_path))
+        train.prepare_data("cifar10", str(tmp_path), 32)
     assert str(tmp_path) in str(e.value) and train.CIFAR_URL in str(e.value)
 
 
@@ -1269,34 +1317,53 @@ def test_imagenet64_npz_is_converted_once_and_memory_mapped(tmp_path, monkeypatc
     data = {i: rng.integers(0, 256, (n, 12288), dtype=np.uint8) for i, n in sizes.items()}
     for i, n in sizes.items():
         np.savez(tmp_path / f"train_data_batch_{i}.npz", data=data[i], labels=np.full(n, 100 * i))  # 1..1000
-    train.prepare_data("imagenet64", str(tmp_path))
+    train.prepare_data("imagenet64", str(tmp_path), 64)
     images, labels, num_classes = train.load_dataset("imagenet64", str(tmp_path), 64)
     assert isinstance(images, np.memmap) and images.shape == (6, 64, 64, 3) and num_classes == 1000
     assert labels.tolist() == [99, 99, 99, 199, 199, 999]
     expected = np.concatenate([data[1], data[2], data[10]]).reshape(-1, 3, 64, 64).transpose(0, 2, 3, 1)
     assert np.array_equal(images, expected)
     monkeypatch.setattr(np, "load", None)  # converted once: a second prepare must not read the .npz files again
-    train.prepare_data("imagenet64", str(tmp_path))
+    train.prepare_data("imagenet64", str(tmp_path), 64)
 
 
 def test_folder_dataset_crops_resizes_and_skips_unreadable_files(tmp_path, capsys):
-    for cls, files in {"cat": ["a.png", "b.JPG"], "dog": ["c.webp", "broken.png", "notes.txt"]}.items():
+    folders = {"cat": ["a.png", "b.JPG", "._a.png"], "dog": ["c.webp", "broken.png", "notes.txt"],
+               ".ipynb_checkpoints": ["a.png"]}  # hidden: no class, no image
+    for cls, files in folders.items():
         os.makedirs(tmp_path / cls)
         for name in files:
-            if name in ("broken.png", "notes.txt"):
+            if name in ("broken.png", "notes.txt", "._a.png"):
                 (tmp_path / cls / name).write_bytes(b"not an image")
             else:
                 Image.new("RGB", (40, 24), (200, 10, 10)).save(tmp_path / cls / name)
     images, labels, num_classes = train.load_dataset("folder", str(tmp_path), 16)
     assert images.shape == (3, 16, 16, 3) and labels.tolist() == [0, 0, 1] and num_classes == 2
-    assert "broken.png" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "broken.png" in out and "._a.png" not in out
+    assert isinstance(images, np.memmap) and np.abs(images - np.array([200, 10, 10])).max() <= 2  # JPEG, bicubic
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(train, "read_rgb", None)  # a second load reads the converted array, not the images
+        assert np.array_equal(train.load_dataset("folder", str(tmp_path), 16)[0], images)
+    Image.new("RGB", (24, 24), (0, 0, 0)).save(tmp_path / "dog" / "d.png")  # a changed folder is converted anew
+    assert train.load_dataset("folder", str(tmp_path), 16)[1].tolist() == [0, 0, 1, 1]
+
+
+def test_balanced_subset_takes_every_class_and_is_seeded():
+    labels = np.repeat(np.arange(4), [50, 30, 15, 5])  # sorted by class, as a folder dataset is
+    subset = train.balanced_subset(labels, 20)
+    assert np.bincount(labels[subset]).tolist() == [5, 5, 5, 5] and np.all(np.diff(subset) > 0)
+    assert np.bincount(labels[train.balanced_subset(labels, 40)]).tolist() == [12, 12, 11, 5]  # class 3 has 5
+    assert np.array_equal(train.balanced_subset(labels, 20), subset)
+    assert not np.array_equal(train.balanced_subset(labels, 20, seed=1), subset)
+    assert len(train.balanced_subset(labels, 1000)) == 100
 
 
 def test_batch_does_not_depend_on_the_number_of_processes():
     data = train.make_shapes(64, 16, seed=0) + (10,)
-    tcfg = train.TrainConfig(batch_size=8)
-    x, y, position = train.get_batch(data, (0, 60), tcfg, 0, 1, "cpu", 16)  # 60 + 8 > 64: the next epoch starts
-    halves = [train.get_batch(data, (0, 60), tcfg, rank, 2, "cpu", 16) for rank in (0, 1)]
+    train_cfg = train.TrainConfig(batch_size=8)
+    x, y, position = train.get_batch(data, (0, 60), train_cfg, 0, 1, "cpu", 16)  # 60 + 8 > 64: the next epoch starts
+    halves = [train.get_batch(data, (0, 60), train_cfg, rank, 2, "cpu", 16) for rank in (0, 1)]
     assert torch.equal(x, torch.cat([h[0] for h in halves])) and torch.equal(y, torch.cat([h[1] for h in halves]))
     assert position == (1, 8)
     flipped = x.flip(3) == train.to_model_input(data[0][train.permutation(0, 1, 64)[:8]], "cpu", 16)
@@ -1306,10 +1373,10 @@ def test_batch_does_not_depend_on_the_number_of_processes():
 # ---------------------------------------------------------------------------------------------------------- training
 
 def test_every_config_field_is_a_flag(capsys):
-    tcfg, tok, model = train.make_configs(["--preset", "cifar10", "--tokenizer.latent_channels", "4", "--n_layer", "6",
-                                           "--compile", "--ema_decay", "0.5"])
-    assert (tok.latent_channels, model.n_layer, tcfg.compile, tcfg.ema_decay) == (4, 6, True, 0.5)
-    assert (tcfg.dataset, model.n_embd) == ("cifar10", 512)  # from the preset
+    train_cfg, tok, model = train.make_configs(["--preset", "cifar10", "--tokenizer.latent_channels", "4",
+                                                "--n_layer", "6", "--compile", "--ema_decay", "0.5"])
+    assert (tok.latent_channels, model.n_layer, train_cfg.compile, train_cfg.ema_decay) == (4, 6, True, 0.5)
+    assert (train_cfg.dataset, model.n_embd) == ("cifar10", 512)  # from the preset
     with pytest.raises(SystemExit):
         train.make_configs(["--help"])
     help_text = capsys.readouterr().out
@@ -1334,16 +1401,29 @@ def test_weight_decay_only_on_linear_and_conv_matrices():
     assert no_decay["weight_decay"] == 0 and decay["weight_decay"] == train.TrainConfig().weight_decay
 
 
+def test_ema_averages_only_the_parameters_that_train():
+    model = tiny_model()
+    ema = train.copy.deepcopy(model)
+    frozen = [p.clone() for p in ema.tokenizer.parameters()]
+    with torch.no_grad():
+        for p in list(model.parameters()):
+            p.add_(1.0)
+    train.update_ema(ema, model, step=0, decay=0.5)  # decay warms up to 0.1 at step 0: 0.9 of the way to the model
+    torch.testing.assert_close(ema.class_embed.weight, model.class_embed.weight - 0.1)
+    for e, p in zip(ema.tokenizer.parameters(), frozen):
+        assert torch.equal(e, p)  # the frozen tokenizer is not averaged (it only cost time)
+
+
 @pytest.mark.parametrize("stage", [1, 2])
 def test_resume_after_a_kill_ends_with_the_same_weights(stage, tmp_path, monkeypatch, trained, fast_shapes):
     class Killed(Exception):
         pass
     lr_at = train.lr_at
 
-    def killed_at_step_3(step, steps, lr, tcfg):  # after the checkpoint of step 2; the stages differ in lr
-        if lr == (tcfg.tokenizer_lr if stage == 1 else tcfg.model_lr) and step == 3:
+    def killed_at_step_3(step, steps, lr, train_cfg):  # after the checkpoint of step 2; the stages differ in lr
+        if lr == (train_cfg.tokenizer_lr if stage == 1 else train_cfg.model_lr) and step == 3:
             raise Killed
-        return lr_at(step, steps, lr, tcfg)
+        return lr_at(step, steps, lr, train_cfg)
     monkeypatch.setattr(train, "lr_at", killed_at_step_3)
     with pytest.raises(Killed):
         train.main(TINY + ["--out_dir", str(tmp_path)])
@@ -1356,6 +1436,8 @@ def test_resume_after_a_kill_ends_with_the_same_weights(stage, tmp_path, monkeyp
         assert_same_weights(resumed["model"], uninterrupted["model"])  # bit-identical on CPU
         assert_same_weights(resumed["ema"], uninterrupted["ema"])
         assert_same_weights(resumed["optimizer"]["state"][0], uninterrupted["optimizer"]["state"][0])
+    steps = [(line["stage"], line["step"]) for line in map(json.loads, open(tmp_path / "log.jsonl"))]
+    assert steps == [(1, 1), (1, 2), (1, 3), (1, 4), (2, 1), (2, 2), (2, 3), (2, 4)]  # step 3 logged once
 
 
 def test_interrupted_checkpoint_write_leaves_the_previous_one(tmp_path, monkeypatch, fast_shapes):
@@ -1386,10 +1468,79 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monk
             terms["loss"] = terms["loss"] * float("nan")
         return terms
     monkeypatch.setattr(discon.Tokenizer, "forward", nan_from_step_3)
-    with pytest.raises(SystemExit, match="not finite at step 2"):
-        train.main(TINY + ["--out_dir", str(tmp_path), "--stage", "1"])
+    # The gradient norm is read (a host-device sync) only at the steps that wait anyway, here 2 and 4 (checkpoints):
+    # the NaN of step 3 (index 2) is found at step 4 (index 3), before its checkpoint is written.
+    with pytest.raises(SystemExit, match="not finite at step 3"):
+        train.main(TINY + ["--out_dir", str(tmp_path), "--stage", "1", "--log_every", "4"])
     ckpt = load(tmp_path / "tokenizer.pt")
     assert ckpt["step"] == 2 and all(v.isfinite().all() for v in ckpt["model"].values() if v.is_floating_point())
+
+
+@pytest.mark.filterwarnings("ignore:3 images < 2048")
+def test_killed_writes_of_samples_and_statistics_leave_no_partial_file(tmp_path, trained, monkeypatch):
+    def dies_halfway(file, **arrays):
+        (open(file, "wb") if isinstance(file, str) else file).write(b"half an .npz")
+        raise KeyboardInterrupt
+    monkeypatch.setattr(np, "savez", dies_halfway)
+    monkeypatch.setattr(np, "savez_compressed", dies_halfway)
+    monkeypatch.setattr(fid, "load_inception", lambda weights, device: FakeInception())
+    with pytest.raises(KeyboardInterrupt):
+        sample.main([str(trained / "model.pt"), "--num-images", "10", "--out", str(tmp_path)])
+    with pytest.raises(KeyboardInterrupt):
+        fid.main(["--save-stats", save_pngs(tmp_path / "pngs", random_images(3, 16, 16)), str(tmp_path / "s.npz")])
+    assert not glob.glob(str(tmp_path / "*.npz*"))
+
+
+def test_temporary_files_of_a_killed_run_are_removed(tmp_path, trained, capsys, fast_shapes):
+    shutil.copytree(trained, tmp_path / "run")
+    stale = tmp_path / "run" / "model.pt.tmp.somehost.12345"  # what a kill -9 in atomic_write leaves
+    stale.write_bytes(b"half a checkpoint")
+    train.main(TINY + ["--out_dir", str(tmp_path / "run"), "--resume"])  # both stages already finished
+    assert not stale.exists() and f"removing {stale}" in capsys.readouterr().out
+
+
+def test_an_error_on_another_node_is_printed_with_its_place(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "16")
+    for rank, local_rank, printed in [(8, 0, f"[rank 8 of 16, {socket.gethostname()}] no data"), (9, 1, 1)]:
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("LOCAL_RANK", str(local_rank))
+        with pytest.raises(SystemExit) as e:
+            train.fail("no data")
+        assert e.value.code == printed  # the local rank 0 of every node prints, the others only exit
+
+
+def test_vq_codebook_and_usage_do_not_depend_on_the_number_of_processes(tmp_path, fast_shapes):
+    # One step: every code is restarted from encoder outputs of the whole batch, then counted over the whole batch.
+    # (Later steps would differ: the KL noise of the continuous view is drawn per process.)
+    args = TINY + ["--stage", "1", "--tokenizer_steps", "1"]
+    train.main(args + ["--out_dir", str(tmp_path / "one")])
+    two = run("train.py", *args, "--out_dir", tmp_path / "two", nproc=2)
+    assert two.returncode == 0, two.stderr
+    one, two = (load(tmp_path / d / "tokenizer.pt")["model"] for d in ("one", "two"))
+    torch.testing.assert_close(one["code_usage"], two["code_usage"], rtol=0, atol=1e-6)
+    torch.testing.assert_close(one["codebook.weight"], two["codebook.weight"], rtol=0, atol=1e-6)
+
+
+@pytest.mark.skipif(not torch._dynamo.is_dynamo_supported(), reason="torch.compile is not supported here")
+def test_compiled_training_equals_eager(tmp_path, trained, monkeypatch, fast_shapes):
+    # The aot_eager backend runs dynamo's graphs and the compiled backward without inductor's C++ build (over a
+    # minute for this model on 2 cores); stage 2 is compiled, stage 1 stays eager.
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
+    train.main(TINY + ["--out_dir", str(tmp_path), "--compile"])
+    eager, compiled = ([json.loads(line) for line in open(d / "log.jsonl")] for d in (trained, tmp_path))
+    assert [line["loss"] for line in compiled] == pytest.approx([line["loss"] for line in eager], rel=1e-5)
+    assert_same_weights(load(tmp_path / "model.pt")["model"], load(trained / "model.pt")["model"], atol=1e-5)
+
+
+def test_sampling_gathers_the_images_on_rank_0_only(tmp_path, trained, monkeypatch):
+    sent = []
+    monkeypatch.setattr(sample, "setup_distributed", lambda: (1, 1, 2, torch.device("cpu")))  # rank 1 of 2
+    monkeypatch.setattr(sample, "dist", types.SimpleNamespace(
+        is_initialized=lambda: False, gather_object=lambda mine, gathered, dst: sent.append((mine, gathered, dst))))
+    sample.main([str(trained / "model.pt"), "--num-images", "20", "--batch-size", "5", "--out", str(tmp_path)])
+    [(mine, gathered, dst)] = sent
+    assert [b for b, _ in mine] == [1, 3] and gathered is None and dst == 0  # rank 1 sends its batches, gets none
+    assert not glob.glob(str(tmp_path / "*.npz"))
 
 
 def test_two_ddp_processes_match_one_process(tmp_path, trained):
@@ -1443,23 +1594,27 @@ def test_sample_computes_fid_through_fid_py(tmp_path, trained, monkeypatch, caps
     def fid_from_images(images, reference, mode, model, device):
         seen.update(images=images, reference=reference, mode=mode)
         return 12.5
-    fake = types.SimpleNamespace(load_inception=lambda weights, device: "inception", fid_from_images=fid_from_images)
-    monkeypatch.setitem(sys.modules, "fid", fake)
-    sample.main([str(trained / "model.pt"), "--num-images", "10", "--fid-ref", "ref.npz", "--out", str(tmp_path)])
-    assert seen["images"].shape == (10, 16, 16, 3) and seen["reference"] == "ref.npz"
+    monkeypatch.setattr(fid, "load_inception", lambda weights, device: FakeInception())
+    monkeypatch.setattr(fid, "fid_from_images", fid_from_images)
+    ref = str(tmp_path / "ref.npz")
+    np.savez(ref, mu=np.zeros(3), sigma=np.eye(3))
+    sample.main([str(trained / "model.pt"), "--num-images", "10", "--fid-ref", ref, "--out", str(tmp_path)])
+    assert seen["images"].shape == (10, 16, 16, 3) and seen["reference"] == ref
     assert "FID 12.500" in capsys.readouterr().out
 
 
 def test_sample_reconstructs_both_views_from_a_tokenizer_checkpoint(tmp_path, trained, monkeypatch, capsys,
                                                                   fast_shapes):
     scores = iter([3.0, 7.0])
-    fake = types.SimpleNamespace(load_inception=lambda weights, device: "inception",
-                                 fid_from_images=lambda images, reference, **kw: next(scores))
-    monkeypatch.setitem(sys.modules, "fid", fake)
-    sample.main([str(trained / "tokenizer.pt"), "--num-images", "12", "--fid-ref", "ref.npz", "--out", str(tmp_path)])
+    monkeypatch.setattr(fid, "load_inception", lambda weights, device: FakeInception())
+    monkeypatch.setattr(fid, "fid_from_images", lambda images, reference, **kw: next(scores))
+    np.savez(tmp_path / "ref.npz", mu=np.zeros(3), sigma=np.eye(3))
+    sample.main([str(trained / "tokenizer.pt"), "--num-images", "12", "--fid-ref", str(tmp_path / "ref.npz"),
+                 "--out", str(tmp_path)])
     tokenizer = discon.Tokenizer(discon.TokenizerConfig(**load(trained / "tokenizer.pt")["config"]["tokenizer"]))
     tokenizer.load_state_dict(load(trained / "tokenizer.pt")["ema"])
-    originals = train.load_dataset("shapes", "data", 16)[0][:12]
+    originals, labels, _ = train.load_dataset("shapes", "data", 16)
+    originals = originals[train.balanced_subset(labels, 12)]
     c, d = tokenizer.encode(train.to_model_input(originals, "cpu", 16))
     expected = discon.to_uint8(tokenizer.decode_codes(d)).permute(0, 2, 3, 1).numpy()
     assert np.array_equal(np.load(tmp_path / "discrete_12.npz")["arr_0"], expected)
@@ -1472,26 +1627,77 @@ def test_sample_real_codes_keeps_the_training_labels(tmp_path, trained, fast_sha
     sample.main([str(trained / "model.pt"), "--real-codes", "--num-images", "4", "--out", str(tmp_path)])
     written = np.load(tmp_path / "samples_4x16x16x3.npz")
     assert written["arr_0"].shape == (4, 16, 16, 3)
-    assert np.array_equal(written["labels"], train.load_dataset("shapes", "data", 16)[1][:4])
+    labels = train.load_dataset("shapes", "data", 16)[1]
+    assert np.array_equal(written["labels"], labels[train.balanced_subset(labels, 4)])
+
+
+@pytest.fixture
+def bad_files(trained, tmp_path):
+    """A copy of the tiny run, and the damaged or foreign files that a user may hand the scripts."""
+    shutil.copytree(trained, tmp_path / "run")
+    data = (trained / "tokenizer.pt").read_bytes()
+    (tmp_path / "truncated.pt").write_bytes(data[:len(data) // 2])
+    (tmp_path / "a_file").write_text("not a directory")
+    np.savez(tmp_path / "images.npz", arr_0=random_images(4, 16, 16))
+    data = (tmp_path / "images.npz").read_bytes()
+    (tmp_path / "truncated.npz").write_bytes(data[:len(data) // 2])
+    save_pngs(tmp_path / "few" / "cat", random_images(2, 16, 16))  # fewer images than a batch
+    save_pngs(tmp_path / "hidden" / ".ipynb_checkpoints", random_images(9, 16, 16))  # no class: no images
+    save_pngs(tmp_path / "pngs", random_images(2, 16, 16))
+    data = (tmp_path / "pngs" / "001.png").read_bytes()
+    (tmp_path / "pngs" / "001.png").write_bytes(data[:len(data) // 2])
+    fake_cifar_batches(tmp_path / "cifar" / "cifar-10-batches-py")
+    os.remove(tmp_path / "cifar" / "cifar-10-batches-py" / "data_batch_3")  # an extraction that was killed
+    fake_cifar_batches(tmp_path / "labels" / "cifar-10-batches-py", labels=12)  # a foreign file with 12 classes
+    return tmp_path
 
 
 @pytest.mark.parametrize("script, argv, message", [
     ("train", ["--no_such_option", "1"], "unrecognized arguments"),
     ("train", ["--n_embd", "33"], "not divisible by n_head"),
+    *[("train", [flag, value], f"argument {flag}: must be > 0") for flag, value in [
+        ("--model_steps", "0"), ("--tokenizer_steps", "-1"), ("--batch_size", "0"), ("--grad_accum", "0"),
+        ("--log_every", "0"), ("--ckpt_every", "-5"), ("--sample_every", "0"), ("--model_lr", "0"),
+        ("--tokenizer_lr", "nan")]],
+    ("train", ["--seed", "-1"], "argument --seed: must be >= 0"),
+    ("train", ["--batch_size", "eight"], "argument --batch_size: invalid int value"),
     ("train", ["--dataset", "folder", "--data_dir", "/no/such/dir"], "not a directory"),
+    ("train", ["--dataset", "folder", "--data_dir", "{tmp}/hidden"], "no images"),
+    ("train", ["--dataset", "folder", "--data_dir", "{tmp}/few"], "--batch_size 8 is more than the 2 images"),
     ("train", ["--dataset", "imagenet64", "--data_dir", "/no/such/dir"], "no ImageNet 64x64 files"),
+    ("train", ["--dataset", "cifar10", "--data_dir", "{tmp}/cifar"], "cifar-10-batches-py/data_batch_3"),
+    ("train", ["--dataset", "cifar10", "--data_dir", "{tmp}/labels", "--batch_size", "4"], "not all in [0, 10)"),
     ("train", ["--stage", "2", "--out_dir", "/no/such/dir"], "no tokenizer checkpoint"),
+    ("train", ["--stage", "2", "--tokenizer", "{tmp}/truncated.pt"], "cannot read {tmp}/truncated.pt"),
+    ("train", ["--stage", "2", "--tokenizer", "{tmp}/run/model.pt"], "{tmp}/run/model.pt is not a tokenizer.pt"),
+    ("train", ["--out_dir", "{tmp}/a_file"], "cannot write into {tmp}/a_file"),
     ("train", ["--resume", "--n_layer", "2"], "another model config"),
-    ("sample", ["log.jsonl"], "as a checkpoint of train.py"),
-    ("sample", ["model.pt", "--num-images", "15"], "not divisible"),
+    ("train", ["--resume", "--model_steps", "8", "--tokenizer_steps", "2"], "pass --tokenizer_steps 4 or more"),
+    ("sample", ["{tmp}/run/log.jsonl"], "cannot read {tmp}/run/log.jsonl"),
+    ("sample", ["{tmp}/truncated.pt"], "cannot read {tmp}/truncated.pt"),
+    ("sample", ["{tmp}/run/model.pt", "--num-images", "15"], "not divisible"),
+    *[("sample", ["{tmp}/run/model.pt", flag, value], f"argument {flag}: must be > 0") for flag, value in [
+        ("--num-images", "0"), ("--batch-size", "0"), ("--temperature", "0"), ("--diffusion-steps", "0")]],
+    ("sample", ["{tmp}/run/model.pt", "--top-k", "-1"], "argument --top-k: must be >= 0"),
+    ("sample", ["{tmp}/run/model.pt", "--diffusion-steps", "1001"], "--diffusion-steps 1001 is more than"),
+    ("sample", ["{tmp}/run/model.pt", "--out", "{tmp}/a_file"], "cannot write into {tmp}/a_file"),
+    ("sample", ["{tmp}/run/model.pt", "--fid-ref", "{tmp}/no_stats.npz"], "--fid-ref {tmp}/no_stats.npz"),
+    ("sample", ["{tmp}/run/model.pt", "--fid-ref", "{tmp}/truncated.npz"], "{tmp}/truncated.npz is not a readable"),
+    ("fid", ["{tmp}/images.npz", "{tmp}/images.npz", "--batch-size", "0"], "argument --batch-size: must be > 0"),
+    ("fid", ["{tmp}/images.npz", "{tmp}/missing.npz"], "{tmp}/missing.npz: no such file"),
+    ("fid", ["{tmp}/truncated.npz", "{tmp}/images.npz"], "{tmp}/truncated.npz is not a readable .npz"),
+    ("fid", ["{tmp}/pngs", "{tmp}/images.npz"], "cannot read image {tmp}/pngs/001.png"),
+    ("fid", ["--save-stats", "{tmp}/images.npz", "{tmp}/stats"], "cannot write {tmp}/stats (it must end in .npz"),
+    ("fid", ["--save-stats", "{tmp}/images.npz", "{tmp}/a_file/stats.npz"], "cannot write {tmp}/a_file/stats.npz"),
 ])
-def test_bad_input_exits_with_a_clear_message(script, argv, message, trained, tmp_path, capsys, fast_shapes):
-    out = tmp_path / "run"
-    shutil.copytree(trained, out)
-    argv = [str(out / a) if a.endswith((".pt", ".jsonl")) else a for a in argv]
-    with pytest.raises(SystemExit) as e:
+def test_bad_input_exits_with_a_clear_message(script, argv, message, bad_files, capsys, monkeypatch, fast_shapes):
+    # Each fails before any work (no training step, no sample, no Inception), in a line that names the flag or file.
+    monkeypatch.setattr(fid, "load_inception", lambda weights, device: FakeInception())
+    argv = [a.format(tmp=bad_files) for a in argv]
+    with pytest.raises(SystemExit) as e:  # any other exception would be a traceback
         if script == "train":
-            train.main(TINY + ["--out_dir", str(out)] + argv)
+            train.main(TINY + ["--out_dir", str(bad_files / "run")] + argv)
         else:
-            sample.main(argv)
-    assert e.value.code != 0 and message in str(e.value.code) + capsys.readouterr().err
+            {"sample": sample.main, "fid": fid.main}[script](argv)
+    assert e.value.code != 0 and message.format(tmp=bad_files) in str(e.value.code) + capsys.readouterr().err
+    assert not os.path.exists("/no/such/dir")
