@@ -312,8 +312,8 @@ def test_diffusion_schedule_tables_are_consistent():
 
 
 def test_cosine_schedule_matches_its_closed_form_at_every_step():
-    # the product of the alphas telescopes: abar_t = f(t + 1) / f(0), f as above (t counted from 0 here); only the last
-    # beta, exactly 1, is clipped, to 0.999
+    # the product of the alphas telescopes: abar_t = f(t + 1) / f(0), with f of the test above and t counted from 0;
+    # only the last beta, exactly 1, is clipped, to 0.999
     abar = GaussianDiffusion(1000).alphas_cumprod
     f = lambda t: math.cos((t / 1000 + 0.008) / 1.008 * math.pi / 2) ** 2
     expected = torch.tensor([f(t + 1) / f(0) for t in range(999)], dtype=torch.float64)
@@ -566,6 +566,17 @@ def test_dead_codes_are_restarted_from_different_encoder_outputs():
     restarted, outputs = tok.codebook.weight.detach()[dead], z.permute(0, 2, 3, 1).reshape(-1, 4)
     assert ((restarted[:, None] - outputs[None]).abs().amax(-1).amin(1) < 1e-6).all()  # each is an encoder output
     assert len(torch.unique(restarted, dim=0)) > 1                                      # not all the same one
+
+
+def test_dead_code_restart_gives_the_restarted_codes_a_grace_period():
+    tok = tiny_tokenizer()
+    tok.code_usage.fill_(5.0)
+    dead = torch.zeros(32, dtype=torch.bool)
+    dead[[1, 4]] = True
+    tok.code_usage[dead] = 0.0
+    tok.restart_dead_codes(torch.randn(2, 4, 4, 4), torch.Generator().manual_seed(0))
+    assert (tok.code_usage[dead] > tok.cfg.dead_code_threshold).all()     # not dead again at the next step
+    assert (tok.code_usage[~dead] == 5.0).all()                            # the usage of the others is untouched
 
 
 def test_code_usage_is_an_ema_of_per_batch_counts():
