@@ -540,7 +540,11 @@ def save_preview(stage, ema, data, step, train_cfg, device, image_size):
         generator = torch.Generator(device).manual_seed(train_cfg.seed)
         images = ema.generate(y, guidance=train_cfg.sample_guidance, generator=generator)
     name = f"{'reconstructions' if stage == 1 else 'samples'}_{step:07d}.png"
-    save_grid(images.permute(0, 2, 3, 1).cpu().numpy(), 8, os.path.join(train_cfg.out_dir, name))
+    images = images.permute(0, 2, 3, 1).cpu().numpy()
+    save_grid(images, 8, os.path.join(train_cfg.out_dir, name))
+    if stage == 2 and train_cfg.dataset == "shapes":
+        accuracy, _ = class_accuracy(shape_judge(image_size, train_cfg.out_dir), images, y.cpu().numpy())
+        print0(f"{name}: class accuracy {100 * accuracy:.0f}% of its {len(y)} samples (the shapes judge)")
 
 
 def train_stage(stage, model, data, train_cfg, config, rank, world, device):
