@@ -4,10 +4,11 @@
     python fid.py samples.npz ref/ --batch-size 100 --device cuda
     python fid.py --save-stats ref/ ref_stats.npz                      # mu, sigma: pytorch-fid's format
 
-A and B are each a folder of images (.png .jpg .jpeg .webp .bmp .tif .tiff in any case; not recursive, as pytorch-fid;
-sorted by name; hidden files skipped), an ADM-style .npz of images (arr_0: N x H x W x 3 uint8), or a statistics .npz
-(mu, sigma: the format of pytorch-fid and of the ADM reference batches). All images of one input must have the same
-size. Every image becomes 8-bit RGB as read_rgb says: 16-bit grey is scaled, transparency is composited onto white.
+A and B are each a folder of images (.png .jpg .jpeg .webp .bmp .gif .tif .tiff in any case; not recursive, as
+pytorch-fid; sorted by name; hidden files skipped), an ADM-style .npz of images (arr_0: N x H x W x 3 uint8), or a
+statistics .npz (mu, sigma: the format of pytorch-fid and of the ADM reference batches). All images of one input must
+have the same size. Every image becomes 8-bit RGB as read_rgb says: 16-bit grey is scaled, transparency is composited
+onto white.
 
 The network is pytorch-fid's port of the TF graph in both modes; the modes differ only in preprocessing:
   pytorch-fid (default)  uint8 / 255, F.interpolate bilinear to 299 (half-pixel centres), then 2x - 1. Follows pytorch-fid
@@ -23,7 +24,7 @@ Python API (images: folder path, .npz path, uint8 numpy N,H,W,3, or uint8 torch 
     compute_features(images, model=None, mode="pytorch-fid", batch_size=50, device=None, progress=False)
         -> (pool3 features (N, 2048) float64, IS logits (N, 1008) float64 or None)
     compute_statistics(images_or_stats_npz, model=None, mode=..., ...) -> (mu (2048,), sigma (2048, 2048)) float64
-    frechet_distance(mu1, sigma1, mu2, sigma2) -> float            # frechet_distance_sqrtm: scipy's slow reference
+    frechet_distance(mu1, sigma1, mu2, sigma2) -> float
     inception_score(logits, splits=10) -> (mean, std)
     fid_from_images(images, reference, mode=..., ...) -> float      # reference: stats .npz, (mu, sigma) or images
 """
@@ -37,7 +38,6 @@ import warnings
 import zipfile
 
 import numpy as np
-import scipy.linalg
 import scipy.special
 import torch
 import torch.nn as nn
@@ -46,10 +46,10 @@ from PIL import Image
 from tqdm import tqdm
 
 MODES = ("pytorch-fid", "tf")
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 # pytorch-fid's port of download.tensorflow.org/models/image/imagenet/inception-2015-12-05.tgz (pytorch_fid/inception.py)
-WEIGHTS_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth"
 WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"  # 6726825d: the first hex digits of its sha256
+WEIGHTS_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/" + WEIGHTS_FILE
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Preprocessing: uint8 (B, 3, H, W) -> float32 (B, 3, 299, 299) in the range the TF graph expects.
@@ -219,11 +219,10 @@ def copy_torchscript_weights(model, path):
     with warnings.catch_warnings():  # torch deprecates torch.jit.load, but these files exist only as TorchScript
         warnings.simplefilter("ignore", DeprecationWarning)
         script = torch.jit.load(path, map_location="cpu")
-    named = list(script.named_parameters()) + list(script.named_buffers())  # each in module order
-    tensors = dict(named)
+    tensors = dict(list(script.named_parameters()) + list(script.named_buffers()))  # each in module order
     # Each conv layer of the script holds weight, beta, mean, var (its BN has no scale: gamma = 1), in the TF graph's
     # order, which is also torchvision's registration order; shapes are checked layer by layer.
-    convs = [name[:-len(".weight")] for name, t in named if name.endswith(".weight") and t.dim() == 4]
+    convs = [name[:-len(".weight")] for name, t in tensors.items() if name.endswith(".weight") and t.dim() == 4]
     ours = [m for m in model.modules() if isinstance(m, BasicConv2d)]
     if len(convs) != len(ours):
         raise ValueError(f"expected the {len(ours)} conv layers of the 2015-12-05 Inception, found {len(convs)}")
@@ -236,7 +235,7 @@ def copy_torchscript_weights(model, path):
         layer.bn.bias.copy_(tensors[prefix + ".beta"])
         layer.bn.running_mean.copy_(tensors[prefix + ".mean"])
         layer.bn.running_var.copy_(tensors[prefix + ".var"])
-    fc = [name[:-len("weight")] for name, t in named if t.shape == (1008, 2048)]
+    fc = [name[:-len("weight")] for name, t in tensors.items() if t.shape == (1008, 2048)]
     if fc:  # NVIDIA's file: output.weight, output.bias
         model.fc.weight.copy_(tensors[fc[0] + "weight"])
         model.fc.bias.copy_(tensors[fc[0] + "bias"])
@@ -261,14 +260,14 @@ def load_inception(weights=None, device="cpu"):
         raise FileNotFoundError(f"weights file not found: {path}")
     model = FIDInception()
     try:  # a TorchScript archive holds constants.pkl; a torch.save file does not
-        is_script = zipfile.is_zipfile(path) and any(n.endswith("constants.pkl") for n in zipfile.ZipFile(path).namelist())
-        if is_script:
+        if zipfile.is_zipfile(path) and any(n.endswith("constants.pkl") for n in zipfile.ZipFile(path).namelist()):
             copy_torchscript_weights(model, path)
         else:
             model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True), strict=True)
     except Exception as e:
-        raise RuntimeError(f"cannot load Inception weights from {path} (corrupt, or neither pytorch-fid's {WEIGHTS_FILE} "
-                           f"nor a TorchScript inception-2015-12-05.pt): {type(e).__name__}: {' '.join(str(e).split())[:300]}")
+        raise RuntimeError(f"cannot load Inception weights from {path} (corrupt, or neither pytorch-fid's "
+                           f"{WEIGHTS_FILE} nor a TorchScript inception-2015-12-05.pt): {type(e).__name__}: "
+                           f"{' '.join(str(e).split())[:300]}")
     model.weights_path = path  # named in printed results
     return model.eval().requires_grad_(False).to(device)
 
@@ -300,6 +299,12 @@ def atomic_write(path, write):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def image_files(folder):
+    """The image files of a folder, sorted by name; not recursive; hidden ones (.ipynb_checkpoints, ._x.png) skipped."""
+    return sorted(os.path.join(folder, f) for f in os.listdir(folder)
+                  if f[0] != "." and f.lower().endswith(IMAGE_EXTENSIONS))
 
 
 def read_rgb(path):
@@ -342,8 +347,7 @@ def npz_image_batches(path, batch_size):
 def image_batches(images, batch_size):
     """(number of images, iterator of uint8 (B, 3, H, W) torch batches) for any input the API accepts."""
     if isinstance(images, (str, os.PathLike)) and os.path.isdir(images):
-        files = sorted(os.path.join(images, f) for f in os.listdir(images)
-                       if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith("."))
+        files = image_files(images)
         if not files:
             raise ValueError(f"no images ({' '.join(IMAGE_EXTENSIONS)}) in folder {images}")
         sizes = {}
@@ -466,13 +470,6 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean)
 
 
-def frechet_distance_sqrtm(mu1, sigma1, mu2, sigma2):
-    """pytorch-fid's formula with scipy.linalg.sqrtm: the slow reference for tests and bench.py."""
-    covmean = scipy.linalg.sqrtm(sigma1 @ sigma2).real
-    diff = mu1 - mu2
-    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
-
-
 def inception_score(logits, splits=10):
     """exp(E_x KL(p(y|x) || p(y))) on `splits` consecutive chunks, mean and std over the chunks (Salimans et al. 2016;
     improved-gan's inception_score.py and the ADM evaluator; torch-fidelity shuffles with seed 2020 first).
@@ -521,18 +518,16 @@ def main(argv=None):
         model = load_inception(args.weights, args.device)
         stats, described, logits_a = [], [], None
         for i, src in enumerate(sources):
-            loaded = load_statistics(src, args.mode)
-            if loaded is not None:
-                stats.append(loaded)
-                described.append("statistics file")
-                continue
-            features, logits = compute_features(src, model, args.mode, args.batch_size, progress=True)
-            try:
-                stats.append(statistics_from_features(features))
-            except ValueError as e:
-                raise ValueError(f"{src}: {e}") from e
-            described.append(f"{len(features)} images")
-            logits_a = logits if i == 0 else logits_a
+            loaded, about = load_statistics(src, args.mode), "statistics file"
+            if loaded is None:
+                features, logits = compute_features(src, model, args.mode, args.batch_size, progress=True)
+                try:
+                    loaded, about = statistics_from_features(features), f"{len(features)} images"
+                except ValueError as e:
+                    raise ValueError(f"{src}: {e}") from e
+                logits_a = logits if i == 0 else logits_a
+            stats.append(loaded)
+            described.append(about)
         info = f"fid.py (pytorch-fid port) | mode={args.mode} | weights={model.weights_path} | " + " | ".join(
             f"{name}: {d}" for name, d in zip("AB", described))
         if args.save_stats:
