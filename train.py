@@ -15,6 +15,7 @@ import copy
 import functools
 import glob
 import hashlib
+import io
 import json
 import math
 import os
@@ -39,7 +40,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import discon
-from fid import atomic_write, positive, read_rgb
+from fid import IMAGE_EXTENSIONS, atomic_write, image_files, positive, read_rgb
 
 
 @dataclass
@@ -160,6 +161,12 @@ def print0(*args):
         tqdm.write(" ".join(str(a) for a in args))  # tqdm.write keeps the progress bar intact
 
 
+def progress(iterable=None, **kwargs):
+    """A tqdm progress bar on rank 0 alone; a log file (no terminal) gets one bar line a minute."""
+    return tqdm(iterable, disable=int(os.environ.get("RANK", 0)) != 0, dynamic_ncols=True,
+                mininterval=1 if sys.stderr.isatty() else 60, **kwargs)
+
+
 def fail(message):
     """Exit non-zero. The local rank 0 of each node prints the message, saying where when there are several processes:
     an error that only another node meets (its copy of the data missing, say) is not lost, and none prints twice."""
@@ -249,7 +256,6 @@ SHAPES = {  # class name -> inside-test in shape coordinates (u, v): centre 0, r
     "half-disc": lambda u, v: (u * u + (v + 0.4) ** 2 < 1) & (v > -0.4),
 }
 CIFAR_URL, CIFAR_MD5 = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz", "c58f30108f718f92721af3b95e74349a"
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 
 def make_shapes(n, size, seed):
@@ -264,9 +270,9 @@ def make_shapes(n, size, seed):
     light = fg.mean(1, keepdims=True) > 0.5
     bg0 = np.where(light, rng.uniform(0, 0.35, (n, 3)), rng.uniform(0.65, 1, (n, 3)))
     bg1 = np.clip(bg0 + rng.uniform(-0.2, 0.2, (n, 3)), 0, 1)
-    angle = rng.uniform(0, 2 * np.pi, n)
+    angle = rng.uniform(0, 2 * np.pi, (n, 1, 1))                            # direction of the gradient
     fine = ((np.arange(4 * size) + 0.5) / (4 * size)).astype(np.float32)    # pixel centres of the 4x grid in [0, 1]
-    p = (np.arange(size) + 0.5) / size
+    offset = (np.arange(size) + 0.5) / size - 0.5                           # pixel centres, from the image centre
     images = np.empty((n, size, size, 3), np.uint8)
     for start in range(0, n, 256):  # in chunks, so that the 4x masks stay in cache
         i = slice(start, start + 256)
@@ -276,7 +282,7 @@ def make_shapes(n, size, seed):
         for k, inside in enumerate(SHAPES.values()):
             mask[labels[i] == k] = inside(u[labels[i] == k], v[labels[i] == k])
         alpha = mask.reshape(-1, size, 4, size, 4).mean((2, 4))[..., None]     # (b, s, s, 1) coverage
-        t = 0.5 + (p[None, None, :] - 0.5) * np.cos(angle[i, None, None]) + (p[None, :, None] - 0.5) * np.sin(angle[i, None, None])
+        t = 0.5 + offset[None, None, :] * np.cos(angle[i]) + offset[None, :, None] * np.sin(angle[i])
         t = np.clip(t, 0, 1)[..., None]                                        # (b, s, s, 1) position on the gradient
         background = bg0[i, None, None] * (1 - t) + bg1[i, None, None] * t
         images[i] = (background * (1 - alpha) + fg[i, None, None] * alpha) * 255 + 0.5
@@ -287,10 +293,10 @@ def make_shapes(n, size, seed):
 # of a seed the training set never uses (it uses 0) tells the ten classes apart; the class accuracy of class-conditional
 # samples (the fraction it assigns to the class they were sampled for) measures whether a model learnt the shapes,
 # which FID at a few thousand samples hardly does. About 10 s on 2 CPU cores, then cached.
-JUDGE_SEED, JUDGE_TEST_SEED = 1, 2
+JUDGE_SEED = 1
 
 
-def make_judge(image_size):
+def make_judge():
     w = 16
     return nn.Sequential(nn.Conv2d(3, w, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
                          nn.Conv2d(w, 2 * w, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
@@ -309,16 +315,15 @@ def gaussian_blur(x, sigma):
 def shape_judge(image_size, cache_dir=None, steps=400, batch=128, lr=3e-3):
     """The judge for shapes of this size: loaded from cache_dir/shape_judge_{size}.pt, or trained (and cached there)."""
     path = cache_dir and os.path.join(cache_dir, f"shape_judge_{image_size}.pt")
-    judge = make_judge(image_size)
+    with torch.random.fork_rng():  # seeded, without moving the caller's random state
+        torch.manual_seed(JUDGE_SEED)
+        judge = make_judge()
     if path and os.path.exists(path):
         judge.load_state_dict(torch.load(path, map_location="cpu"))
         return judge.eval()
     images, labels = make_shapes(10_000, image_size, seed=JUDGE_SEED)
     x, y = to_model_input(images, "cpu", image_size), torch.from_numpy(labels)
     generator = torch.Generator().manual_seed(JUDGE_SEED)
-    with torch.random.fork_rng():
-        torch.manual_seed(JUDGE_SEED)
-        judge = make_judge(image_size)
     optimizer = torch.optim.AdamW(judge.parameters(), lr=lr)
     for step in range(steps):
         optimizer.param_groups[0]["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
@@ -343,7 +348,8 @@ def class_accuracy(judge, images, labels):
     x = to_model_input(images, "cpu", images.shape[1])
     predicted = torch.cat([judge(x[i:i + 500]).argmax(1) for i in range(0, len(x), 500)]).numpy()
     labels = np.asarray(labels)
-    per_class = {name: float((predicted[labels == k] == k).mean()) for k, name in enumerate(SHAPES) if (labels == k).any()}
+    per_class = {name: float((predicted[labels == k] == k).mean()) for k, name in enumerate(SHAPES)
+                 if (labels == k).any()}
     return float((predicted == labels).mean()), per_class
 
 
@@ -351,18 +357,16 @@ def prepare_data(name, data_dir, image_size):
     """One-time work, run by one process per node while the others wait: download CIFAR-10, or convert ImageNet-64 or
     an image folder into one uint8 .npy that every process memory-maps (a node's processes share one copy in RAM)."""
     if name == "cifar10" and not os.path.isdir(os.path.join(data_dir, "cifar-10-batches-py")):
-        archive = os.path.join(data_dir, "cifar-10-python.tar.gz")
         try:
-            os.makedirs(data_dir, exist_ok=True)
             with urllib.request.urlopen(CIFAR_URL, timeout=60) as response:
-                atomic_write(archive, lambda f: f.write(response.read()))
+                archive = response.read()  # 170 MB, extracted from memory
         except OSError as e:
             fail(f"CIFAR-10 is not in {data_dir}/cifar-10-batches-py and downloading it failed ({e}).\n"
                  f"Download {CIFAR_URL} and extract it into {data_dir}/ (giving {data_dir}/cifar-10-batches-py/).")
-        with open(archive, "rb") as f:
-            if hashlib.md5(f.read()).hexdigest() != CIFAR_MD5:
-                fail(f"{archive} does not have the MD5 {CIFAR_MD5} of the official archive; delete it and retry")
-        with tarfile.open(archive) as tar:  # tar filters exist from Python 3.12 (and some 3.8-3.11 patch releases)
+        if hashlib.md5(archive).hexdigest() != CIFAR_MD5:
+            fail(f"the download of {CIFAR_URL} does not have the MD5 {CIFAR_MD5} of the official archive; retry")
+        writable_or_fail(data_dir)
+        with tarfile.open(fileobj=io.BytesIO(archive)) as tar:  # tar filters: Python 3.12+, some 3.8-3.11 patches
             tar.extractall(data_dir, **{"filter": "data"} if hasattr(tarfile, "data_filter") else {})
     if name not in ("imagenet64", "folder"):
         return
@@ -377,14 +381,9 @@ def prepare_data(name, data_dir, image_size):
         def read(path, key):
             return read_or_fail(path, lambda p: np.load(p)[key], "a truncated copy? Unzip the official files again")
         labels = np.concatenate([read(p, "labels") for p in files]).astype(np.int64) - 1  # they count from 1
-        header = {"descr": "|u1", "fortran_order": False, "shape": (len(labels), 64, 64, 3)}
-
-        def write_images(f):
-            np.lib.format.write_array_header_1_0(f, header)
-            for p in files:  # one batch at a time
-                f.write(read(p, "data").reshape(-1, 3, 64, 64).transpose(0, 2, 3, 1).tobytes())
+        size, images = 64, (read(p, "data").reshape(-1, 3, 64, 64).transpose(0, 2, 3, 1) for p in files)
     else:  # centre crop to a square, then resize; unreadable images are reported and skipped
-        images, labels = [], []
+        size, images, labels = image_size, [], []
         for path, k in files:
             try:
                 image = Image.fromarray(read_rgb(path))
@@ -398,9 +397,12 @@ def prepare_data(name, data_dir, image_size):
         if not images:
             fail(f"no readable images in the class sub-directories of {data_dir}")
         labels = np.asarray(labels, np.int64)
+    header = {"descr": "|u1", "fortran_order": False, "shape": (len(labels), size, size, 3)}
 
-        def write_images(f):
-            np.save(f, np.stack(images))
+    def write_images(f):  # the .npy header, then the images: ImageNet-64 one batch at a time, never all in memory
+        np.lib.format.write_array_header_1_0(f, header)
+        for part in images:
+            f.write(part.tobytes())
     atomic_write(labels_path, lambda f: np.save(f, labels))
     atomic_write(images_path, write_images)
 
@@ -410,14 +412,14 @@ def converted_paths(name, data_dir, image_size):
     sub-directory of images per class (hidden entries, .ipynb_checkpoints or ._x.png, are neither). A folder's .npy
     are named after a hash of its file list: adding, removing or changing an image converts the folder anew."""
     if name == "imagenet64":
-        files = sorted(glob.glob(os.path.join(data_dir, "train_data_batch_*.npz")), key=lambda p: int(p[:-4].split("_")[-1]))
+        files = sorted(glob.glob(os.path.join(data_dir, "train_data_batch_*.npz")),
+                       key=lambda p: int(p[:-4].split("_")[-1]))  # batch 10 after batch 9, not after batch 1
         base = os.path.join(data_dir, "imagenet64_train_")
         return base + "images.npy", base + "labels.npy", files, 1000
     if not os.path.isdir(data_dir):
         fail(f"--data_dir {data_dir} is not a directory (the folder dataset wants one sub-directory per class)")
     classes = sorted(d for d in os.listdir(data_dir) if d[0] != "." and os.path.isdir(os.path.join(data_dir, d)))
-    files = [(os.path.join(data_dir, c, f), k) for k, c in enumerate(classes) for f in sorted(os.listdir(
-        os.path.join(data_dir, c))) if f[0] != "." and f.lower().endswith(IMAGE_EXTENSIONS)]
+    files = [(f, k) for k, c in enumerate(classes) for f in image_files(os.path.join(data_dir, c))]
     if not files:
         fail(f"no images ({' '.join(IMAGE_EXTENSIONS)}) in the class sub-directories of {data_dir}")
     key = hashlib.sha1(repr([(f, os.stat(f).st_size, os.stat(f).st_mtime_ns) for f, _ in files]).encode()).hexdigest()
@@ -468,6 +470,11 @@ def to_model_input(images, device, image_size):
     return x
 
 
+def model_inputs(images, index, device, image_size, batch=250):
+    """to_model_input of images[index], `batch` images at a time: the whole subset need not be in memory at once."""
+    return (to_model_input(images[index[i:i + batch]], device, image_size) for i in range(0, len(index), batch))
+
+
 @functools.lru_cache(maxsize=1)
 def permutation(seed, epoch, n):
     return np.random.default_rng([seed, epoch]).permutation(n)
@@ -499,11 +506,10 @@ def get_batch(data, position, train_cfg, rank, world, device, image_size, latent
 def encode_dataset(tokenizer, images, device, image_size, batch=250):
     """(c, d) of every image, [0], and of its mirror image, [1]: stage 2's inputs, encoded once for all steps.
     -> c (2, N, C, h, w) and d (2, N, h, w) on the device."""
-    parts = []
-    for i in tqdm(range(0, len(images), batch), desc="encoding the dataset", disable=int(os.environ.get("RANK", 0)) != 0,
-                  mininterval=1 if sys.stderr.isatty() else 60):
+    parts = []  # per batch: (c, d) of the images, of their mirror images
+    for i in progress(range(0, len(images), batch), desc="encoding the dataset"):
         x = to_model_input(images[i:i + batch], device, image_size)
-        parts.append([tokenizer.encode(x), tokenizer.encode(x.flip(3))])
+        parts.append((tokenizer.encode(x), tokenizer.encode(x.flip(3))))
     return tuple(torch.stack([torch.cat([p[flip][k] for p in parts]) for flip in (0, 1)]) for k in (0, 1))
 
 
@@ -580,8 +586,9 @@ def train_stage(stage, model, data, train_cfg, config, rank, world, device):
     step, position = 0, (0, 0)
     if train_cfg.resume and os.path.exists(path):
         ckpt = load_checkpoint(path, stage)
-        for part in ("tokenizer",) if stage == 1 else ("tokenizer", "model"):
-            diff = {k: (ckpt["config"][part].get(k), v) for k, v in config[part].items() if ckpt["config"][part].get(k) != v}
+        for part in ("tokenizer", "model")[:stage]:
+            saved = ckpt["config"][part]
+            diff = {k: (saved.get(k), v) for k, v in config[part].items() if saved.get(k) != v}
             if diff:
                 fail(f"{path} was made with another {part} config, field: (checkpoint, now): {diff}")
         if ckpt["step"] > steps:
@@ -605,8 +612,7 @@ def train_stage(stage, model, data, train_cfg, config, rank, world, device):
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     generator = torch.Generator(device)
     micro = train_cfg.batch_size // (world * train_cfg.grad_accum)
-    bar = tqdm(total=steps, initial=step, desc=f"stage {stage}", disable=rank != 0, dynamic_ncols=True,
-               mininterval=1 if sys.stderr.isatty() else 60)  # a log file gets one bar line a minute
+    bar = progress(total=steps, initial=step, desc=f"stage {stage}")
     latents = None
     if stage == 2 and train_cfg.cache_latents:
         latents = encode_dataset(model.tokenizer, data[0], device, image_size)
@@ -633,8 +639,9 @@ def train_stage(stage, model, data, train_cfg, config, rank, world, device):
         # A non-finite loss gives a non-finite gradient norm (the same on every process) and non-finite weights from
         # then on. Reading the norm makes the host wait for the device, so it is read only at the steps that wait anyway
         # (log, checkpoint, preview): all processes stop together, before a bad checkpoint.
-        intervals = (train_cfg.log_every, train_cfg.ckpt_every, train_cfg.sample_every)
-        if (step + 1 == steps or any((step + 1) % k == 0 for k in intervals)) and not torch.isfinite(grad_norm):
+        log, save, preview = (step + 1 == steps or (step + 1) % k == 0
+                              for k in (train_cfg.log_every, train_cfg.ckpt_every, train_cfg.sample_every))
+        if (log or save or preview) and not torch.isfinite(grad_norm):
             fail(f"stage {stage}: the loss or its gradient is not finite at step {step}; stopping. The last good "
                  f"checkpoint ({path}) is intact: resume from it with a lower learning rate or --grad_clip.")
         optimizer.step()
@@ -642,7 +649,7 @@ def train_stage(stage, model, data, train_cfg, config, rank, world, device):
         update_ema(ema, model, step, train_cfg.ema_decay)
         step, logged_steps = step + 1, logged_steps + 1
         bar.update()
-        if step % train_cfg.log_every == 0 or step == steps:
+        if log:
             if world > 1:
                 dist.all_reduce(logged)
             means = (logged / (world * logged_steps)).tolist()
@@ -655,16 +662,14 @@ def train_stage(stage, model, data, train_cfg, config, rank, world, device):
                 with open(os.path.join(train_cfg.out_dir, "log.jsonl"), "a") as f:
                     f.write(json.dumps(line) + "\n")
             logged, logged_steps, t0 = 0, 0, time.time()
-        if rank == 0 and (step % train_cfg.ckpt_every == 0 or step == steps):
+        if rank == 0 and save:
             if stage == 1 and step == steps:  # per-channel latent statistics of the final (EMA) tokenizer
-                subset = balanced_subset(data[1], 10_000)
-                ema.fit_latent_stats(to_model_input(data[0][subset[i:i + 250]], device, image_size)
-                                     for i in range(0, len(subset), 250))
+                ema.fit_latent_stats(model_inputs(data[0], balanced_subset(data[1], 10_000), device, image_size))
             checkpoint = {"stage": stage, "step": step, "finished": step == steps,
                           "data": {"epoch": position[0], "index": position[1]}, "config": config,
                           "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict()}
             atomic_write(path, lambda f: torch.save(checkpoint, f))
-        if rank == 0 and (step % train_cfg.sample_every == 0 or step == steps):
+        if rank == 0 and preview:
             save_preview(stage, ema, data, step, train_cfg, device, image_size)
     bar.close()
     barrier()  # stage 2 reads the tokenizer checkpoint that rank 0 has just written
@@ -702,10 +707,10 @@ def main(argv=None):
             tokenizer = discon.Tokenizer(tok_cfg)
             tokenizer.load_state_dict(load_tokenizer(tok_path)["ema"])
             if train_cfg.refit_codebook:
-                images = data[0][balanced_subset(data[1], 5000, train_cfg.seed)]
-                tokenizer.refit_codebook((to_model_input(images[i:i + 250], "cpu", tok_cfg.image_size)
-                                          for i in range(0, len(images), 250)), train_cfg.refit_codebook,
-                                         generator=torch.Generator().manual_seed(train_cfg.seed))
+                subset = balanced_subset(data[1], 5000, train_cfg.seed)
+                generator = torch.Generator().manual_seed(train_cfg.seed)
+                tokenizer.refit_codebook(model_inputs(data[0], subset, "cpu", tok_cfg.image_size),
+                                         train_cfg.refit_codebook, generator=generator)
                 config["tokenizer"] = asdict(tokenizer.cfg)
             torch.manual_seed(train_cfg.seed)
             train_stage(2, discon.DisCon(model_cfg, tokenizer), data, train_cfg, config, rank, world, device)
