@@ -18,13 +18,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from PIL import Image
-from tqdm import tqdm
 
 import discon
 import fid
 import train
 from fid import atomic_write, positive
-from train import derived_seed, fail, load_checkpoint, print0, save_grid, setup_distributed
+from train import derived_seed, fail, load_checkpoint, print0, progress, save_grid, setup_distributed
 
 
 def main(argv=None):
@@ -80,10 +79,7 @@ def generate(args, rank, world, device):
     if args.real_codes:  # the training images whose discrete grids condition the continuous stage
         if model.cfg.mode != "discon":
             fail(f"--real-codes needs a discon-mode model, this one is {model.cfg.mode!r}")
-        data = ckpt["config"]["train"]
-        real_images, labels, _ = train.load_dataset(data["dataset"], data["data_dir"], model.tokenizer.cfg.image_size)
-        subset = train.balanced_subset(labels, args.num_images)
-        real_images, labels = real_images[subset], labels[subset]
+        real_images, labels = training_images(ckpt, args.num_images)
     elif args.labels:  # the given classes, repeated to the requested number of images
         if min(args.labels) < 0 or max(args.labels) >= num_classes:
             fail(f"--labels must be class ids in [0, {num_classes})")
@@ -98,7 +94,7 @@ def generate(args, rank, world, device):
     # Batches are dealt round-robin to the processes; each batch has its own generator seeded from (seed, b).
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     mine = []
-    for b in tqdm(range(rank, len(batches), world), desc="sampling", disable=rank != 0):
+    for b in progress(range(rank, len(batches), world), desc="sampling"):
         y = train.to_device(labels[batches[b]], device)
         generator = torch.Generator(device).manual_seed(derived_seed(args.seed, b))
         codes = None
@@ -106,8 +102,9 @@ def generate(args, rank, world, device):
             x = train.to_model_input(real_images[batches[b]], device, model.tokenizer.cfg.image_size)
             codes = model.tokenizer.encode(x)[1]
         with autocast:
-            images = model.generate(y, args.guidance, args.guidance_continuous, temperature=args.temperature, top_k=args.top_k,
-                                    diffusion_steps=args.diffusion_steps, generator=generator, codes=codes)
+            images = model.generate(y, args.guidance, args.guidance_continuous, temperature=args.temperature,
+                                    top_k=args.top_k, diffusion_steps=args.diffusion_steps, generator=generator,
+                                    codes=codes)
         mine.append((b, images.permute(0, 2, 3, 1).cpu().numpy()))                     # (B, H, W, 3) uint8
     if world > 1:  # every process's batches to rank 0 only (50k images of 64x64 are 614 MB)
         gathered = [None] * world if rank == 0 else None
@@ -133,8 +130,17 @@ def generate(args, rank, world, device):
         print_class_accuracy(images, labels, args.checkpoint, "samples")
     if args.fid_ref:
         score = fid_or_fail(args, images, device)
-        print0(f"FID {score:.3f} ({n} samples vs {args.fid_ref}, fid.py mode={args.fid_mode}, "
-               f"guidance={args.guidance}/{args.guidance_continuous or args.guidance}, temperature={args.temperature}, {'raw' if args.no_ema else 'EMA'} weights)")
+        print0(f"FID {score:.3f} ({n} samples vs {args.fid_ref}, fid.py mode={args.fid_mode}, guidance={args.guidance}/"
+               f"{args.guidance_continuous or args.guidance}, temperature={args.temperature}, "
+               f"{'raw' if args.no_ema else 'EMA'} weights)")
+
+
+def training_images(ckpt, n):
+    """n training images of the checkpoint's dataset, a seeded and class-balanced subset, and their labels."""
+    data = ckpt["config"]["train"]
+    images, labels, _ = train.load_dataset(data["dataset"], data["data_dir"], ckpt["config"]["tokenizer"]["image_size"])
+    subset = train.balanced_subset(labels, n)
+    return images[subset], labels[subset]
 
 
 def print_class_accuracy(images, labels, checkpoint, what):
@@ -169,13 +175,11 @@ def reconstruct(args, ckpt, out, device):
     tokenizer = discon.Tokenizer(discon.TokenizerConfig(**ckpt["config"]["tokenizer"]))
     tokenizer.load_state_dict(ckpt["model" if args.no_ema else "ema"])
     tokenizer.to(device).eval()
-    data = ckpt["config"]["train"]
-    originals, labels, _ = train.load_dataset(data["dataset"], data["data_dir"], tokenizer.cfg.image_size)
-    subset = train.balanced_subset(labels, args.num_images)
-    originals, labels = originals[subset], labels[subset]
+    originals, labels = training_images(ckpt, args.num_images)
     views = {"continuous": [], "discrete": []}
-    for i in tqdm(range(0, len(originals), args.batch_size), desc="reconstructing"):
-        c, d = tokenizer.encode(train.to_model_input(originals[i:i + args.batch_size], device, tokenizer.cfg.image_size))
+    for i in progress(range(0, len(originals), args.batch_size), desc="reconstructing"):
+        x = train.to_model_input(originals[i:i + args.batch_size], device, tokenizer.cfg.image_size)
+        c, d = tokenizer.encode(x)
         for name, x in (("continuous", tokenizer.decode(c)), ("discrete", tokenizer.decode_codes(d))):
             views[name].append(discon.to_uint8(x).permute(0, 2, 3, 1).cpu().numpy())
     rows = [np.asarray(originals[:10])]
@@ -183,7 +187,7 @@ def reconstruct(args, ckpt, out, device):
         images = np.concatenate(parts)
         atomic_write(os.path.join(out, f"{name}_{len(images)}.npz"), lambda f: np.savez(f, arr_0=images))
         rows.append(images[:10])
-        if data["dataset"] == "shapes":
+        if ckpt["config"]["train"]["dataset"] == "shapes":
             print_class_accuracy(images, labels, args.checkpoint, f"{name} reconstructions")
         if args.fid_ref:
             print0(f"rFID {fid_or_fail(args, images, device):.3f} ({name} view, {len(images)} training images vs "
