@@ -35,7 +35,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageOps
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
@@ -106,7 +106,7 @@ PRESETS = {
 def make_configs(argv=None):
     """Dataclass defaults <- preset <- command line. Returns (TrainConfig, TokenizerConfig, DisConConfig)."""
     pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--preset", default="quick", choices=PRESETS)
+    pre.add_argument("--preset", default="quick", choices=PRESETS, help="recipe that sets the defaults below")
     preset = pre.parse_known_args(argv)[0].preset
     train_cfg, tok_cfg, model_cfg = TrainConfig(), discon.TokenizerConfig(), discon.DisConConfig()
     flags = {f.name: (train_cfg, f) for f in fields(train_cfg)}
@@ -118,8 +118,7 @@ def make_configs(argv=None):
 
     class Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
         pass
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=Formatter, allow_abbrev=False)
-    parser.add_argument("--preset", default="quick", choices=PRESETS, help="recipe that sets the defaults below")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=Formatter, allow_abbrev=False, parents=[pre])
     for name, (cfg, f) in flags.items():
         kind = {"bool": bool, "int": int, "float": float, "str": str}.get(f.type, f.type)  # annotations may be strings
         kind = positive(kind, zero=name in NON_NEGATIVE) if name in POSITIVE | NON_NEGATIVE else kind
@@ -390,9 +389,7 @@ def prepare_data(name, data_dir, image_size):
             except ValueError as e:
                 print0(f"skipping {e}")
                 continue
-            s, (w, h) = min(image.size), image.size
-            box = ((w - s) // 2, (h - s) // 2, (w + s) // 2, (h + s) // 2)
-            images.append(np.asarray(image.resize((image_size,) * 2, Image.Resampling.BICUBIC, box=box)))
+            images.append(np.asarray(ImageOps.fit(image, (image_size,) * 2, Image.Resampling.BICUBIC)))
             labels.append(k)
         if not images:
             fail(f"no readable images in the class sub-directories of {data_dir}")
