@@ -35,8 +35,9 @@ def main(argv=None):
     p.add_argument("--labels", type=lambda s: [int(v) for v in s.split(",")], default=None,
                    help="comma-separated class ids, repeated to --num-images (default: every class equally often)")
     p.add_argument("--batch-size", type=positive(int), default=100)
-    p.add_argument("--guidance", type=float, default=1.0,
-                   help="classifier-free guidance scale of both phases (1 = none), unless the next flag is given")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="classifier-free guidance scale of both phases (1 = none), unless the next flag is given "
+                        "(default: the model config's, measured in README.md)")
     p.add_argument("--guidance-continuous", type=float, default=None,
                    help="the guidance scale of the continuous phase alone (discon and continuous modes)")
     p.add_argument("--temperature", type=positive(float), default=1.0)
@@ -106,8 +107,9 @@ def generate(args, rank, world, device):
             x = train.to_model_input(real_images[batches[b]], device, model.tokenizer.cfg.image_size)
             codes = model.tokenizer.encode(x)[1]
         with autocast:
-            images = model.generate(y, args.guidance, args.guidance_continuous, temperature=args.temperature, top_k=args.top_k,
-                                    diffusion_steps=args.diffusion_steps, generator=generator, codes=codes)
+            images = model.generate(y, args.guidance, args.guidance_continuous, temperature=args.temperature,
+                                    top_k=args.top_k, diffusion_steps=args.diffusion_steps, generator=generator,
+                                    codes=codes)
         mine.append((b, images.permute(0, 2, 3, 1).cpu().numpy()))                     # (B, H, W, 3) uint8
     if world > 1:  # every process's batches to rank 0 only (50k images of 64x64 are 614 MB)
         gathered = [None] * world if rank == 0 else None
@@ -133,8 +135,14 @@ def generate(args, rank, world, device):
         print_class_accuracy(images, labels, args.checkpoint, "samples")
     if args.fid_ref:
         score = fid_or_fail(args, images, device)
-        print0(f"FID {score:.3f} ({n} samples vs {args.fid_ref}, fid.py mode={args.fid_mode}, "
-               f"guidance={args.guidance}/{args.guidance_continuous or args.guidance}, temperature={args.temperature}, {'raw' if args.no_ema else 'EMA'} weights)")
+        cfg = model.cfg
+        guidance = cfg.guidance if args.guidance is None else args.guidance
+        guidance_continuous = args.guidance_continuous
+        if guidance_continuous is None:
+            guidance_continuous = cfg.guidance_continuous if args.guidance is None else guidance
+        print0(f"FID {score:.3f} ({n} samples vs {args.fid_ref}, fid.py mode={args.fid_mode}, guidance {guidance} "
+               f"(discrete) / {guidance_continuous} (continuous), temperature={args.temperature}, "
+               f"{'raw' if args.no_ema else 'EMA'} weights)")
 
 
 def print_class_accuracy(images, labels, checkpoint, what):
