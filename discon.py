@@ -67,7 +67,10 @@ class DisConConfig:
     head_depth: int = 3                # default of its training script); scaled down here
     diffusion_batch_mul: int = 4       # MAR: each condition is trained on 4 (t, noise) pairs per step
     num_timesteps: int = 1000          # MAR / DDPM training steps
+    # Sampling defaults (what generate and sample.py use unless told otherwise), measured in README.md:
     diffusion_steps: int = 100         # respaced sampling steps, MAR's default
+    guidance: float = 3.0              # classifier-free guidance scale of the discrete phase (on the logits) ...
+    guidance_continuous: float = 3.0   # ... and of the continuous phase (on the head's eps); 1 means no guidance
     clip_latent: float = 5.0           # sampling clamps the predicted clean c to +-this (c has unit std per channel);
                                        # ADM's clip_denoised. Without it the first respaced step amplifies the head's
                                        # eps error several hundred times (abar_999 = 2e-9) and samples diverge.
@@ -666,12 +669,13 @@ class DisCon(nn.Module):
     # -- sampling --------------------------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def generate(self, y, guidance=1.0, guidance_continuous=None, temperature=1.0, top_k=0, diffusion_steps=None,
+    def generate(self, y, guidance=None, guidance_continuous=None, temperature=1.0, top_k=0, diffusion_steps=None,
                  generator=None, use_kv_cache=True, codes=None):
         """Sample images (B, 3, H, W) uint8 for labels y (B,): d token by token, then c token by token, then decode.
 
         guidance: the classifier-free guidance scale of the discrete phase (on the logits) and, unless
-        guidance_continuous is given, of the continuous phase (on the head's eps); 1 means no guidance.
+        guidance_continuous is given, of the continuous phase (on the head's eps); 1 means no guidance. When neither
+        is given, the config's scales are used (as for diffusion_steps).
         temperature: divides the logits, and scales the diffusion noise (MAR). top_k: 0 keeps every code.
         use_kv_cache=False recomputes the whole prefix at every step: the slow path the tests compare against.
         codes: "discon" mode only, a discrete grid (B, h, w) to condition on instead of sampling d: p(c | d, y) alone.
@@ -683,7 +687,9 @@ class DisCon(nn.Module):
         if codes is not None and (self.cfg.mode != "discon" or tuple(codes.shape) != (len(y), g, g)):
             raise ValueError(f"codes must be a (B, {g}, {g}) grid for a discon-mode model, got {tuple(codes.shape)} "
                              f"in mode {self.cfg.mode!r}")
-        guidance_continuous = guidance if guidance_continuous is None else guidance_continuous
+        if guidance_continuous is None:
+            guidance_continuous = self.cfg.guidance_continuous if guidance is None else guidance
+        guidance = self.cfg.guidance if guidance is None else guidance
         was_training = self.training
         self.eval()
         B, N, n = len(y), self.num_tokens, self.n_discrete

@@ -34,8 +34,9 @@ def main(argv=None):
     p.add_argument("--labels", type=lambda s: [int(v) for v in s.split(",")], default=None,
                    help="comma-separated class ids, repeated to --num-images (default: every class equally often)")
     p.add_argument("--batch-size", type=positive(int), default=100)
-    p.add_argument("--guidance", type=float, default=1.0,
-                   help="classifier-free guidance scale of both phases (1 = none), unless the next flag is given")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="classifier-free guidance scale of both phases (1 = none), unless the next flag is given "
+                        "(default: the model config's, measured in README.md)")
     p.add_argument("--guidance-continuous", type=float, default=None,
                    help="the guidance scale of the continuous phase alone (discon and continuous modes)")
     p.add_argument("--temperature", type=positive(float), default=1.0)
@@ -130,8 +131,13 @@ def generate(args, rank, world, device):
         print_class_accuracy(images, labels, args.checkpoint, "samples")
     if args.fid_ref:
         score = fid_or_fail(args, images, device)
-        print0(f"FID {score:.3f} ({n} samples vs {args.fid_ref}, fid.py mode={args.fid_mode}, guidance={args.guidance}/"
-               f"{args.guidance_continuous or args.guidance}, temperature={args.temperature}, "
+        cfg = model.cfg
+        guidance = cfg.guidance if args.guidance is None else args.guidance
+        guidance_continuous = args.guidance_continuous
+        if guidance_continuous is None:
+            guidance_continuous = cfg.guidance_continuous if args.guidance is None else guidance
+        print0(f"FID {score:.3f} ({n} samples vs {args.fid_ref}, fid.py mode={args.fid_mode}, guidance {guidance} "
+               f"(discrete) / {guidance_continuous} (continuous), temperature={args.temperature}, "
                f"{'raw' if args.no_ema else 'EMA'} weights)")
 
 

@@ -729,7 +729,7 @@ def test_generate_reproduces_a_memorised_batch(mode):
     # Sampling must invert training: a model that memorised one image per label regenerates it from the label.
     # Measured mean pixel errors: 0 (discrete, against 14 for the wrong image), about 5-8 (continuous modes, against 36).
     model, c, d, y, *_ = overfitted(mode)
-    out = model.generate(y, temperature=0.5, generator=torch.Generator().manual_seed(0)).float()
+    out = model.generate(y, 1.0, temperature=0.5, generator=torch.Generator().manual_seed(0)).float()  # no null class
     target = discon.to_uint8(model.tokenizer.decode_codes(d) if mode == "discrete" else model.tokenizer.decode(c)).float()
     error, wrong = (out - target).abs().mean(), (out - target.roll(1, 0)).abs().mean()
     assert error < 0.3 * wrong

@@ -66,8 +66,6 @@ class TrainConfig:
     ema_decay: float = 0.999
     log_every: int = 50
     sample_every: int = 1000      # PNG grid: reconstructions (stage 1) or samples (stage 2)
-    sample_guidance: float = 3.0  # guidance of the stage-2 preview grids: 3 makes the classes easier to tell apart at
-                                  # a glance; for FID, 1 scored better in README's comparison (sample.py's default)
     ckpt_every: int = 500
     compile: bool = False         # torch.compile the stage-2 model (stage 1 stays eager: README.md says why)
     cache_latents: bool = True    # stage 2: encode every image and its mirror image once instead of at every step
@@ -561,7 +559,7 @@ def save_preview(stage, ema, data, step, train_cfg, device, image_size):
         classes = torch.linspace(0, data[2] - 1, min(data[2], 10)).round().long()
         y = classes.repeat_interleave(8).to(device)
         generator = torch.Generator(device).manual_seed(train_cfg.seed)
-        images = ema.generate(y, guidance=train_cfg.sample_guidance, generator=generator)
+        images = ema.generate(y, generator=generator)  # at the sampling defaults of the model config
     name = f"{'reconstructions' if stage == 1 else 'samples'}_{step:07d}.png"
     images = images.permute(0, 2, 3, 1).cpu().numpy()
     save_grid(images, 8, os.path.join(train_cfg.out_dir, name))
