@@ -345,9 +345,9 @@ def class_accuracy(judge, images, labels):
     x = to_model_input(images, "cpu", images.shape[1])
     predicted = torch.cat([judge(x[i:i + 500]).argmax(1) for i in range(0, len(x), 500)]).numpy()
     labels = np.asarray(labels)
-    per_class = {name: float((predicted[labels == k] == k).mean()) for k, name in enumerate(SHAPES)
-                 if (labels == k).any()}
-    return float((predicted == labels).mean()), per_class
+    correct = predicted == labels
+    per_class = {name: float(correct[labels == k].mean()) for k, name in enumerate(SHAPES) if (labels == k).any()}
+    return float(correct.mean()), per_class
 
 
 def prepare_data(name, data_dir, image_size):
