@@ -1267,6 +1267,51 @@ def test_shapes_are_deterministic_and_cover_every_class():
     assert set(labels.tolist()) == set(range(len(train.SHAPES)))
 
 
+
+@pytest.fixture(scope="module")
+def judge_32(tmp_path_factory):
+    """The shapes judge at the quick preset's image size, trained once into a temporary cache (~10 s)."""
+    cache = tmp_path_factory.mktemp("judge")
+    return train.shape_judge(32, str(cache)), cache
+
+
+def test_shape_judge_recognises_fresh_real_shapes(judge_32):
+    images, labels = train.make_shapes(1000, 32, seed=3)  # a seed neither the judge nor the training data uses
+    overall, per_class = train.class_accuracy(judge_32[0], images, labels)
+    assert overall >= 0.99, f"the judge's ceiling fell to {overall:.1%}: {per_class}"
+    assert min(per_class.values()) >= 0.95, per_class
+
+
+def test_shape_judge_gives_chance_accuracy_on_noise(judge_32):
+    rng = np.random.default_rng(0)
+    noise = rng.integers(0, 256, (1000, 32, 32, 3), dtype=np.uint8)
+    labels = np.arange(1000) % len(train.SHAPES)
+    assert train.class_accuracy(judge_32[0], noise, labels)[0] <= 0.2  # chance is 0.1
+
+
+def test_shape_judge_is_reloaded_from_its_cache_without_moving_the_callers_rng(judge_32):
+    judge, cache = judge_32
+    assert os.listdir(cache) == ["shape_judge_32.pt"]
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    again = train.shape_judge(32, str(cache))
+    assert torch.equal(torch.rand(3), expected)
+    for a, b in zip(judge.state_dict().values(), again.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_class_accuracy_is_the_fraction_classified_as_the_requested_class_overall_and_per_class():
+    class FirstPixel(torch.nn.Module):  # "classifies" an image as the value of its first red pixel
+        def forward(self, x):
+            return F.one_hot(((x[:, 0, 0, 0] + 1) * 127.5).round().long(), len(train.SHAPES)).float()
+    images = np.zeros((6, 8, 8, 3), np.uint8)
+    images[:, 0, 0, 0] = [0, 0, 1, 1, 1, 2]
+    labels = np.array([0, 1, 1, 1, 0, 2])
+    overall, per_class = train.class_accuracy(FirstPixel(), images, labels)
+    assert overall == pytest.approx(4 / 6)
+    assert per_class == pytest.approx({"circle": 0.5, "square": 2 / 3, "triangle": 1.0})  # the first three SHAPES
+
 def fake_cifar_batches(root, labels=10):
     os.makedirs(root)
     rng = np.random.default_rng(0)
