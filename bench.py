@@ -10,7 +10,7 @@ import argparse
 import multiprocessing as mp
 import resource
 import time
-from dataclasses import asdict
+from dataclasses import asdict, fields
 
 import numpy as np
 import torch
@@ -79,7 +79,7 @@ def measure_mode(args, preset, mode, queue):
 
 
 def kv_cache_speedup(args, preset, mode, batch=16, diffusion_steps=20):
-    """Cached generation vs recomputing the whole prefix at each step (both presets have N = 64 tokens)."""
+    """Cached generation vs recomputing the whole prefix at each step."""
     torch.set_num_threads(args.threads)
     model = build(preset, mode, torch.device(args.device)).eval()
     labels = torch.arange(batch, device=args.device) % model.cfg.num_classes
@@ -112,8 +112,10 @@ def sampling_against(args, preset, mode, previous, batch):
     models = []
     for module in (discon, previous):
         torch.manual_seed(0)
-        models.append(module.DisCon(module.DisConConfig(**asdict(model_cfg)),
-                                    module.Tokenizer(module.TokenizerConfig(**asdict(tok_cfg)))).eval())
+        known = lambda config, cls: {k: v for k, v in asdict(config).items() if k in {f.name for f in fields(cls)}}
+        models.append(module.DisCon(module.DisConConfig(**known(model_cfg, module.DisConConfig)),
+                                    module.Tokenizer(module.TokenizerConfig(**known(tok_cfg, module.TokenizerConfig))))
+                      .eval())
     labels = torch.arange(batch) % model_cfg.num_classes
     rates = []
     for guidance in (1.0, 3.0):
@@ -161,7 +163,7 @@ def main():
     name = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU, {args.threads} thread(s)"
     print(f"# bench.py on {name}, torch {torch.__version__}, bf16={args.bf16}, compile={args.compile}")
     steps = args.diffusion_steps or "the preset's"
-    print(f"# train batch {args.train_batch}, sample batch {args.sample_batch} (cfg 2.0, {steps} diffusion steps)\n")
+    print(f"# train batch {args.train_batch}, sample batch {args.sample_batch} (guidance 2.0, {steps} diffusion steps)\n")
 
     print("| preset | mode | train img/s | sample img/s | peak memory (MiB) |")
     print("|---|---|---|---|---|")
@@ -175,7 +177,7 @@ def main():
             child.join()
             print(f"| {preset} | {mode} | {train_ips:.1f} | {sample_ips:.2f} | {peak:.0f} |", flush=True)
 
-    print("\n| KV cache, N = 64, batch 16 | cached (s) | recomputed (s) | speed-up |")
+    print("\n| KV cache, batch 16 | cached (s) | recomputed (s) | speed-up |")
     print("|---|---|---|---|")
     for preset in args.presets.split(","):
         for mode in [m for m in ("discrete", "discon") if m in args.modes.split(",")]:
