@@ -106,16 +106,17 @@ def load_previous_discon(rev):
 
 def sampling_against(args, preset, mode, previous, batch):
     """Images/s of DisCon.generate at its defaults, this version and `previous`, the same model size and batch, timed
-    in turns in one process (guidance 1 and 3)."""
+    in turns in one process (guidance 1 and 3). Each version samples with its own default number of diffusion steps."""
     torch.set_num_threads(args.threads)
     _, tok_cfg, model_cfg = train.make_configs(["--preset", preset, "--mode", mode])
     models = []
     for module in (discon, previous):
         torch.manual_seed(0)
-        known = lambda config, cls: {k: v for k, v in asdict(config).items() if k in {f.name for f in fields(cls)}}
-        models.append(module.DisCon(module.DisConConfig(**known(model_cfg, module.DisConConfig)),
-                                    module.Tokenizer(module.TokenizerConfig(**known(tok_cfg, module.TokenizerConfig))))
-                      .eval())
+        names = {f.name for f in fields(module.DisConConfig)} - ({"diffusion_steps"} if module is previous else set())
+        model_args = {k: v for k, v in asdict(model_cfg).items() if k in names}
+        tok_args = {k: v for k, v in asdict(tok_cfg).items() if k in {f.name for f in fields(module.TokenizerConfig)}}
+        models.append(module.DisCon(module.DisConConfig(**model_args),
+                                    module.Tokenizer(module.TokenizerConfig(**tok_args))).eval())
     labels = torch.arange(batch) % model_cfg.num_classes
     rates = []
     for guidance in (1.0, 3.0):
@@ -188,13 +189,15 @@ def main():
     if args.against:
         previous = load_previous_discon(args.against)
         print(f"\n| sampling at generate()'s defaults, batch {args.sample_batch} | guidance | this version (img/s) | "
-              f"{args.against} (img/s) | speed-up |\n|---|---|---|---|---|")
+              f"{args.against} (img/s, {previous.DisConConfig.diffusion_steps} diffusion steps) | speed-up |\n"
+              f"|---|---|---|---|---|")
         for preset in args.presets.split(","):
+            steps = train.make_configs(["--preset", preset])[2].diffusion_steps
             for mode in args.modes.split(","):
                 for guidance, (ours, theirs) in zip((1, 3), sampling_against(args, preset, mode, previous,
                                                                               args.sample_batch)):
-                    print(f"| {preset}, {mode} | {guidance} | {ours:.2f} | {theirs:.2f} | {ours / theirs:.2f}x |",
-                          flush=True)
+                    print(f"| {preset} ({steps} diffusion steps), {mode} | {guidance} | {ours:.2f} | {theirs:.2f} | "
+                          f"{ours / theirs:.2f}x |", flush=True)
 
     if args.fid_images:
         images_per_s, speedup = fid_speed(args)
