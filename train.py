@@ -514,7 +514,8 @@ def encode_dataset(tokenizer, images, device, image_size, batch=250):
 
 def make_optimizer(model, lr, train_cfg, device):
     """AdamW that decays only the weight matrices of Linear and Conv layers: norms, biases and embeddings (the codebook
-    too) keep their scale (nanoGPT's grouping). The frozen tokenizer of stage 2 is left out."""
+    too) keep their scale, as minGPT groups them (nanoGPT decays embeddings too; decay would pull the codebook towards
+    zero, away from the encoder outputs it must match). The frozen tokenizer of stage 2 is left out."""
     decay, no_decay = [], []
     for module in model.modules():
         for p in module.parameters(recurse=False):
