@@ -519,6 +519,17 @@ def test_vq_indices_are_the_nearest_codes():
     assert torch.equal(d.flatten(), brute)
 
 
+
+def test_vq_indices_under_bf16_autocast_equal_float32_indices():
+    g = torch.Generator().manual_seed(0)
+    z, codes = torch.randn(4096, 16, generator=g), torch.randn(128, 16, generator=g)
+    exact = discon.nearest_code(z, codes)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = discon.nearest_code(z, codes)
+        rounded = (z.pow(2).sum(1, keepdim=True) - 2 * z @ codes.t() + codes.pow(2).sum(1)).argmin(1)
+    assert (rounded != exact).any(), "bf16 distances should pick another code somewhere, or this test shows nothing"
+    assert torch.equal(mixed, exact)
+
 def test_vq_straight_through_passes_the_decoder_gradient_to_the_encoder():
     tok = tiny_tokenizer()
     x = images(2)
