@@ -112,11 +112,13 @@ def sampling_against(args, preset, mode, previous, batch):
     models = []
     for module in (discon, previous):
         torch.manual_seed(0)
-        names = {f.name for f in fields(module.DisConConfig)} - ({"diffusion_steps"} if module is previous else set())
-        model_args = {k: v for k, v in asdict(model_cfg).items() if k in names}
-        tok_args = {k: v for k, v in asdict(tok_cfg).items() if k in {f.name for f in fields(module.TokenizerConfig)}}
-        models.append(module.DisCon(module.DisConConfig(**model_args),
-                                    module.Tokenizer(module.TokenizerConfig(**tok_args))).eval())
+        # Only the fields a version knows; the previous one keeps its own default number of diffusion steps.
+        known = lambda config, cls, skip=(): {k: v for k, v in asdict(config).items()
+                                              if k in {f.name for f in fields(cls)} and k not in skip}
+        skip = ("diffusion_steps",) if module is previous else ()
+        models.append(module.DisCon(module.DisConConfig(**known(model_cfg, module.DisConConfig, skip)),
+                                    module.Tokenizer(module.TokenizerConfig(**known(tok_cfg, module.TokenizerConfig))))
+                      .eval())
     labels = torch.arange(batch) % model_cfg.num_classes
     rates = []
     for guidance in (1.0, 3.0):
@@ -164,7 +166,8 @@ def main():
     name = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU, {args.threads} thread(s)"
     print(f"# bench.py on {name}, torch {torch.__version__}, bf16={args.bf16}, compile={args.compile}")
     steps = args.diffusion_steps or "the preset's"
-    print(f"# train batch {args.train_batch}, sample batch {args.sample_batch} (guidance 2.0, {steps} diffusion steps)\n")
+    print(f"# train batch {args.train_batch}, sample batch {args.sample_batch} "
+          f"(guidance 2.0, {steps} diffusion steps)\n")
 
     print("| preset | mode | train img/s | sample img/s | peak memory (MiB) |")
     print("|---|---|---|---|---|")

@@ -519,7 +519,6 @@ def test_vq_indices_are_the_nearest_codes():
     assert torch.equal(d.flatten(), brute)
 
 
-
 def test_vq_indices_under_bf16_autocast_equal_float32_indices():
     g = torch.Generator().manual_seed(0)
     z, codes = torch.randn(4096, 16, generator=g), torch.randn(128, 16, generator=g)
@@ -529,6 +528,7 @@ def test_vq_indices_under_bf16_autocast_equal_float32_indices():
         rounded = (z.pow(2).sum(1, keepdim=True) - 2 * z @ codes.t() + codes.pow(2).sum(1)).argmin(1)
     assert (rounded != exact).any(), "bf16 distances should pick another code somewhere, or this test shows nothing"
     assert torch.equal(mixed, exact)
+
 
 def test_vq_straight_through_passes_the_decoder_gradient_to_the_encoder():
     tok = tiny_tokenizer()
@@ -1278,7 +1278,6 @@ def test_shapes_are_deterministic_and_cover_every_class():
     assert set(labels.tolist()) == set(range(len(train.SHAPES)))
 
 
-
 @pytest.fixture(scope="module")
 def judge_32(tmp_path_factory):
     """The shapes judge at the quick preset's image size, trained once into a temporary cache (~10 s)."""
@@ -1322,6 +1321,7 @@ def test_class_accuracy_is_the_fraction_classified_as_the_requested_class_overal
     overall, per_class = train.class_accuracy(FirstPixel(), images, labels)
     assert overall == pytest.approx(4 / 6)
     assert per_class == pytest.approx({"circle": 0.5, "square": 2 / 3, "triangle": 1.0})  # the first three SHAPES
+
 
 def fake_cifar_batches(root, labels=10):
     os.makedirs(root)

@@ -86,9 +86,10 @@ PRESETS = {
     "quick": {"tokenizer.base_channels": 8, "tokenizer.downsample": 8, "tokenizer.latent_channels": 16,
               "tokenizer.codebook_size": 128, "n_layer": 2, "n_head": 4, "n_embd": 128, "head_width": 128,
               "head_depth": 2, "diffusion_batch_mul": 1},
-    # GPU recipes, not yet run end to end (README.md gives time estimates). Learning rates follow MAR and LlamaGen's
-    # 1e-4 per 256 images for the transformer; the tokenizer's is of the order of LDM's autoencoders. The transformers
-    # are GPT-2 small sized (CIFAR-10; dropout 0.1 because 200k steps are ~1000 epochs) and MAR-B sized (ImageNet).
+    # GPU recipes, not yet run end to end (README.md gives their step rates measured on one H200). Learning rates
+    # follow MAR and LlamaGen's 1e-4 per 256 images for the transformer; the tokenizer's is of the order of LDM's
+    # autoencoders. The transformers are GPT-2 small sized (CIFAR-10; dropout 0.1 because 200k steps are ~1000 epochs)
+    # and MAR-B sized (ImageNet).
     "cifar10": {"dataset": "cifar10", "batch_size": 256, "tokenizer_steps": 50_000, "tokenizer_lr": 2e-4,
                 "model_steps": 200_000, "model_lr": 1e-4, "ema_decay": 0.9999, "log_every": 100,
                 "sample_every": 5000, "ckpt_every": 5000, "n_layer": 12, "n_head": 8, "n_embd": 512,
