@@ -147,7 +147,8 @@ def fid_speed(args):
 
 
 def make_parser():
-    parser = argparse.ArgumentParser(prog="bench.py", description=__doc__, formatter_class=fid.HelpFormatter)
+    parser = argparse.ArgumentParser(prog="bench.py", description=__doc__, formatter_class=fid.HelpFormatter,
+                                     allow_abbrev=False)
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     parser.add_argument("--presets", default="quick,cifar10", help="comma-separated presets of train.py")
     parser.add_argument("--modes", default=",".join(discon.MODES), help="comma-separated modes")
@@ -159,7 +160,7 @@ def make_parser():
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast")
     parser.add_argument("--compile", action="store_true", help="torch.compile the training step")
     parser.add_argument("--against", default="", help="a git revision: time sampling against its discon.py")
-    parser.add_argument("--fid-images", type=int, default=64, help="images for the Inception rate; 0 skips the FID rows")
+    parser.add_argument("--fid-images", type=int, default=64, help="images of the Inception rate; 0: no FID rows")
     parser.add_argument("--fid-weights", default=None, help="Inception weights for fid.py (None: its download)")
     return parser
 

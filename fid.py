@@ -514,7 +514,7 @@ def fid_from_images(images, reference, mode="pytorch-fid", model=None, batch_siz
 
 
 def make_parser():
-    p = argparse.ArgumentParser(prog="fid.py", description=__doc__, formatter_class=HelpFormatter)
+    p = argparse.ArgumentParser(prog="fid.py", description=__doc__, formatter_class=HelpFormatter, allow_abbrev=False)
     p.add_argument("A", help="image folder, images .npz or statistics .npz")
     p.add_argument("B", help="the same kinds as A; with --save-stats, the .npz to write")
     p.add_argument("--save-stats", action="store_true", help="write the statistics of the images A to the .npz B")

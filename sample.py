@@ -28,7 +28,8 @@ from train import derived_seed, fail, load_checkpoint, print0, progress, save_gr
 
 
 def make_parser():
-    p = argparse.ArgumentParser(prog="sample.py", description=__doc__, formatter_class=fid.HelpFormatter)
+    p = argparse.ArgumentParser(prog="sample.py", description=__doc__, formatter_class=fid.HelpFormatter,
+                                allow_abbrev=False)
     p.add_argument("checkpoint", help="a checkpoint written by train.py: model.pt samples, tokenizer.pt reconstructs")
     p.add_argument("--out", default="", help="output directory (empty: samples/ or reconstructions/ beside the "
                                               "checkpoint)")
