@@ -148,7 +148,7 @@ def field_comments(cls):
     for a, b in zip(names, names[1:]):
         text = comments.get(a, "")
         if b in comments and (text.count("(") > text.count(")") or text.endswith("...")):
-            comments[a] = comments[b] = text + " " + comments[b].removeprefix("...").lstrip()
+            comments[a] = comments[b] = text + " " + comments[b].lstrip(". ")
     return {name: comments.get(name) or UNCOMMENTED.get(name, "") for name in names}
 
 
