@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 import discon
+import fid
 import train
 
 
@@ -133,7 +134,6 @@ def sampling_against(args, preset, mode, previous, batch):
 
 def fid_speed(args):
     """Inception feature extraction images/s, and the Frechet distance against pytorch-fid's scipy.linalg.sqrtm form."""
-    import fid
     import scipy.linalg
     model = fid.load_inception(args.fid_weights, device=args.device)
     images = np.random.default_rng(0).integers(0, 256, (args.fid_images, 32, 32, 3), dtype=np.uint8)
@@ -146,22 +146,27 @@ def fid_speed(args):
     return args.fid_images / seconds, reference / ours
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--presets", default="quick,cifar10")
-    parser.add_argument("--modes", default=",".join(discon.MODES))
-    parser.add_argument("--train-batch", type=int, default=32)
-    parser.add_argument("--sample-batch", type=int, default=10)
-    parser.add_argument("--diffusion-steps", type=int, default=None, help="sampling steps (default: the preset's)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed training steps (median)")
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+def make_parser():
+    parser = argparse.ArgumentParser(prog="bench.py", description=__doc__, formatter_class=fid.HelpFormatter,
+                                     allow_abbrev=False)
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    parser.add_argument("--presets", default="quick,cifar10", help="comma-separated presets of train.py")
+    parser.add_argument("--modes", default=",".join(discon.MODES), help="comma-separated modes")
+    parser.add_argument("--train-batch", type=int, default=32, help="images per timed training step")
+    parser.add_argument("--sample-batch", type=int, default=10, help="images per timed generate call")
+    parser.add_argument("--diffusion-steps", type=int, default=None, help="sampling steps (None: the preset's)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed training steps (median); --against: timed turns")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch CPU threads")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast")
     parser.add_argument("--compile", action="store_true", help="torch.compile the training step")
     parser.add_argument("--against", default="", help="a git revision: time sampling against its discon.py")
-    parser.add_argument("--fid-images", type=int, default=64, help="0 skips the FID rows")
-    parser.add_argument("--fid-weights", default=None, help="Inception weights for fid.py (default: its download)")
-    args = parser.parse_args()
+    parser.add_argument("--fid-images", type=int, default=64, help="images of the Inception rate; 0: no FID rows")
+    parser.add_argument("--fid-weights", default=None, help="Inception weights for fid.py (None: its download)")
+    return parser
+
+
+def main(argv=None):
+    args = fid.parse_flags(make_parser(), argv)
     torch.set_num_threads(args.threads)
     name = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU, {args.threads} thread(s)"
     print(f"# bench.py on {name}, torch {torch.__version__}, bf16={args.bf16}, compile={args.compile}")

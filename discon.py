@@ -8,9 +8,10 @@ only c:
     p(c | y) = sum_d p(d | y) p(c | d, y)            y = class label
 
 The file reads like the method: configs, tokenizer (c and d of one grid), Gaussian diffusion, diffusion head (p(c_i | .)
-per token), causal transformer, DisCon (training losses), sampling. Two deliberate differences from the paper, both
-explained in README.md: one tokenizer gives both views (the paper pairs VA-VAE with MaskGIT's VQGAN), and the continuous
-stage is causal, in raster order, one token per step (the paper's figure shows a MAR-like random-order stage).
+per token), causal transformer, DisCon (training losses), sampling. README.md lists every difference from the paper and
+why; the two that shape this file: one tokenizer gives both views (the paper pairs VA-VAE with MaskGIT's VQGAN), and the
+continuous stage is causal, in raster order, one token per step (the paper's figure shows a MAR-like random-order
+stage).
 """
 import dataclasses
 import math
@@ -56,10 +57,11 @@ class TokenizerConfig:
 class DisConConfig:
     mode: str = "discon"               # "discon" (the method), "continuous" (MAR-like) or "discrete" (LlamaGen-like)
     num_classes: int = 10
-    n_layer: int = 4                   # transformer size: chosen for the quick CPU preset; presets in train.py override
+    n_layer: int = 4                   # transformer depth; each preset in train.py sets its own (quick: 2)
     n_head: int = 4
     n_embd: int = 128
-    dropout: float = 0.0               # MAR uses 0.1 (attention and projections); 0 for the short CPU runs, where
+    dropout: float = 0.0               # on the attention weights and the MLP's output (MAR: 0.1 on the attention
+                                       # weights, the attention output and the MLP); 0 for the short CPU runs, where
                                        # the model sees each image a few times only; the cifar10 preset sets 0.1
     label_drop: float = 0.1            # classifier-free guidance: the class is dropped with this probability (MAR's and
                                        # LlamaGen's 0.1) and, in discon mode, the whole condition (y and d) too

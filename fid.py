@@ -272,7 +272,7 @@ def load_inception(weights=None, device="cpu"):
     return model.eval().requires_grad_(False).to(device)
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Files and flags, shared with train.py and sample.py
+# Files and flags, shared with train.py, sample.py and bench.py
 
 
 def positive(kind, zero=False):
@@ -284,6 +284,25 @@ def positive(kind, zero=False):
         return value
     parse.__name__ = kind.__name__  # argparse names it in "invalid int value: 'x'"
     return parse
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """--help shows every flag's default and keeps the line breaks of the script's docstring."""
+
+
+def parse_flags(parser, argv=None):
+    """parser.parse_args(argv), reading --a-b and --a_b alike, as torchrun does. An option spelt the other way is first
+    rewritten to the spelling the parser knows, so that --help and every error message name that one spelling."""
+    # argparse has no public list of its option strings; _actions is where it keeps them.
+    spelling = {s.replace("_", "-"): s for action in parser._actions for s in action.option_strings}
+    argv, rewritten = list(sys.argv[1:] if argv is None else argv), []
+    for i, arg in enumerate(argv):
+        if arg == "--":  # everything after it is positional
+            rewritten += argv[i:]
+            break
+        name, equals, value = arg.partition("=")
+        rewritten.append(spelling.get(name.replace("_", "-"), name) + equals + value if arg.startswith("--") else arg)
+    return parser.parse_args(rewritten)
 
 
 def atomic_write(path, write):
@@ -494,16 +513,23 @@ def fid_from_images(images, reference, mode="pytorch-fid", model=None, batch_siz
 # CLI
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description="FID of A against B (and IS of A) with the TF Inception 2015-12-05.")
+def make_parser():
+    p = argparse.ArgumentParser(prog="fid.py", description=__doc__, formatter_class=HelpFormatter, allow_abbrev=False)
     p.add_argument("A", help="image folder, images .npz or statistics .npz")
     p.add_argument("B", help="the same kinds as A; with --save-stats, the .npz to write")
     p.add_argument("--save-stats", action="store_true", help="write the statistics of the images A to the .npz B")
-    p.add_argument("--mode", choices=MODES, default="pytorch-fid", help="preprocessing standard (see the docstring)")
-    p.add_argument("--batch-size", type=positive(int), default=50)
-    p.add_argument("--device", default=default_device())
-    p.add_argument("--weights", default=None, help=f"pytorch-fid's {WEIGHTS_FILE} or NVIDIA's inception-2015-12-05.pt")
-    args = p.parse_args(argv)
+    p.add_argument("--mode", choices=MODES, default="pytorch-fid",
+                   help="preprocessing (above); the reference statistics must have been made in the same mode")
+    p.add_argument("--batch-size", type=positive(int), default=50, help="images per Inception call")
+    p.add_argument("--device", default=default_device(), help="where the Inception runs")
+    p.add_argument("--weights", default=None,
+                   help=f"pytorch-fid's {WEIGHTS_FILE} or a TorchScript copy such as NVIDIA's inception-2015-12-05.pt; "
+                        f"None downloads pytorch-fid's into the torch hub cache")
+    return p
+
+
+def main(argv=None):
+    args = parse_flags(make_parser(), argv)
     sources = [args.A] if args.save_stats else [args.A, args.B]
     try:  # what can be checked is checked before the Inception runs
         for src in sources:

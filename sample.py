@@ -4,7 +4,8 @@ Generate images from a stage-2 checkpoint (train.py's model.pt): a PNG grid, an 
   python sample.py out/model.pt --num-images 100 --guidance 2.0
   python sample.py out/model.pt --labels 3,7 --num-images 16 --save-pngs
   torchrun --nproc_per_node 8 sample.py runs/in64/model.pt --num-images 50000 --batch-size 250 --fid-ref ref.npz
-Batch b is drawn with a seed derived from (--seed, b), so the images do not depend on the number of processes.
+Batch b is drawn with a seed derived from (--seed, b), so the images do not depend on the number of processes, but
+they do depend on --batch-size.
 Given a stage-1 checkpoint (tokenizer.pt), it reconstructs --num-images training images (a seeded, class-balanced
 subset) through both views instead (one process), and with --fid-ref reports the reconstruction FID of each: the
 paper's Figure 1 measurement.
@@ -26,32 +27,47 @@ from fid import atomic_write, positive
 from train import derived_seed, fail, load_checkpoint, print0, progress, save_grid, setup_distributed
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def make_parser():
+    p = argparse.ArgumentParser(prog="sample.py", description=__doc__, formatter_class=fid.HelpFormatter,
+                                allow_abbrev=False)
     p.add_argument("checkpoint", help="a checkpoint written by train.py: model.pt samples, tokenizer.pt reconstructs")
-    p.add_argument("--out", default="", help="output directory (default: samples/ beside the checkpoint)")
-    p.add_argument("--num-images", type=positive(int), default=100)
+    p.add_argument("--out", default="", help="output directory (empty: samples/ or reconstructions/ beside the "
+                                              "checkpoint)")
+    p.add_argument("--num-images", type=positive(int), default=100, help="images to sample (or reconstruct)")
     p.add_argument("--labels", type=lambda s: [int(v) for v in s.split(",")], default=None,
-                   help="comma-separated class ids, repeated to --num-images (default: every class equally often)")
-    p.add_argument("--batch-size", type=positive(int), default=100)
+                   help="comma-separated class ids, repeated to --num-images (None: every class equally often)")
+    p.add_argument("--batch-size", type=positive(int), default=100,
+                   help="images per generate call. Batch b is drawn from a seed of (--seed, b), so another batch size "
+                        "draws other images: compare runs at the same batch size")
     p.add_argument("--guidance", type=float, default=None,
-                   help="classifier-free guidance scale of both phases (1 = none), unless the next flag is given "
-                        "(default: the model config's, measured in README.md)")
+                   help="classifier-free guidance scale of both phases (1 = none), unless --guidance-continuous is "
+                        "given (None: the model config's, measured in README.md)")
     p.add_argument("--guidance-continuous", type=float, default=None,
-                   help="the guidance scale of the continuous phase alone (discon and continuous modes)")
-    p.add_argument("--temperature", type=positive(float), default=1.0)
-    p.add_argument("--top-k", type=positive(int, zero=True), default=0, help="0 = sample from every code")
-    p.add_argument("--diffusion-steps", type=positive(int), default=None, help="default: the model config's")
-    p.add_argument("--seed", type=positive(int, zero=True), default=0)
+                   help="the guidance scale of the continuous phase alone (discon and continuous modes; None: as "
+                        "--guidance, or the model config's)")
+    p.add_argument("--temperature", type=positive(float), default=1.0,
+                   help="divides the logits of d and scales the diffusion noise of c (MAR)")
+    p.add_argument("--top-k", type=positive(int, zero=True), default=0, help="sample d from the k likeliest codes; "
+                                                                                "0 = from every code")
+    p.add_argument("--diffusion-steps", type=positive(int), default=None,
+                   help="respaced reverse diffusion steps per continuous token (None: the model config's)")
+    p.add_argument("--seed", type=positive(int, zero=True), default=0, help="with the batch index, seeds each batch")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of their EMA")
     p.add_argument("--real-codes", action="store_true",
                    help="discon mode: condition on the discrete grids (and labels) of --num-images training images "
                         "(a seeded, class-balanced subset) instead of sampling d: p(c | d, y) alone")
     p.add_argument("--save-pngs", action="store_true", help="also write one PNG per image")
-    p.add_argument("--fid-ref", default="", help="reference statistics .npz (fid.py --save-stats) for FID")
-    p.add_argument("--fid-mode", default="pytorch-fid", choices=fid.MODES, help="fid.py preprocessing: the reference's")
-    p.add_argument("--fid-weights", default=None, help="Inception weights for fid.py (default: its download)")
-    args = p.parse_args(argv)
+    p.add_argument("--fid-ref", default="", help="reference statistics .npz (fid.py --save-stats) for FID; empty: "
+                                                  "no FID")
+    p.add_argument("--fid-mode", default="pytorch-fid", choices=fid.MODES,
+                   help="fid.py's preprocessing: the mode the reference statistics were made in (tf for published "
+                        "numbers, README.md)")
+    p.add_argument("--fid-weights", default=None, help="Inception weights for fid.py (None: its download)")
+    return p
+
+
+def main(argv=None):
+    args = fid.parse_flags(make_parser(), argv)
     rank, local_rank, world, device = setup_distributed()
     try:
         generate(args, rank, world, device)

@@ -12,11 +12,13 @@ import math
 import os
 import pickle
 import re
+import shlex
 import shutil
 import socket
 import subprocess
 import sys
 import tarfile
+import textwrap
 import types
 import urllib.error
 import urllib.request
@@ -29,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+import bench
 import discon
 import fid
 import sample
@@ -1766,3 +1769,131 @@ def test_bad_input_exits_with_a_clear_message(script, argv, message, bad_files, 
             {"sample": sample.main, "fid": fid.main}[script](argv)
     assert e.value.code != 0 and message.format(tmp=bad_files) in str(e.value.code) + capsys.readouterr().err
     assert not os.path.exists("/no/such/dir")
+
+
+# ======================================================================================================================
+# README and the command lines: every flag has help text and reads alike with dashes or underscores, README's
+# commands name only flags that exist, and its Python snippet and exercise script run.
+
+PARSERS = {  # script -> parse(argv), as the script parses its command line
+    "train": train.make_configs,
+    "sample": lambda argv: fid.parse_flags(sample.make_parser(), argv),
+    "fid": lambda argv: fid.parse_flags(fid.make_parser(), argv),
+    "bench": lambda argv: fid.parse_flags(bench.make_parser(), argv),
+}
+
+
+def code_of(markdown, language):
+    """The fenced code blocks of one language in a markdown text, dedented (blocks inside list items are indented)."""
+    return [textwrap.dedent(indent + body).strip("\n") for indent, body in
+            re.findall(rf"^([ \t]*)```{language}\n(.*?)^[ \t]*```", markdown, re.S | re.M)]
+
+
+def documented_commands():
+    """(file, script, argv) of every command in README.md and docs/experiments.md that runs train.py, sample.py, fid.py
+    or bench.py, in code blocks and in inline code. A shell variable takes the first value of its for-loop, else "1"."""
+    for name in ("README.md", os.path.join("docs", "experiments.md")):
+        text = open(os.path.join(REPO, name)).read()
+        blocks = code_of(text, "bash")
+        prose = re.sub(r"```.*?```", "", text, flags=re.S)
+        inline = [span.replace("\n", " ") for span in re.findall(r"`([^`]+)`", prose)]
+        for block in blocks + inline:
+            block = block.replace("\\\n", " ")
+            loops = dict(re.findall(r"for (\w+) in (\S+)", block))
+            for match in re.finditer(r"(?:python|torchrun[^\n;&|]*?)\s+(train|sample|fid|bench)\.py\b([^\n;&|#]*)",
+                                     block):
+                argv = re.sub(r"\$\{?(\w+)\}?", lambda m: loops.get(m.group(1), "1"), match.group(2))
+                yield name, match.group(1), shlex.split(argv)
+
+
+def test_documented_commands_name_only_flags_that_exist(capsys):
+    commands = list(documented_commands())
+    assert len(commands) >= 30 and {script for _, script, _ in commands} == set(PARSERS)
+    wrong = []
+    for name, script, argv in commands:
+        try:
+            PARSERS[script](argv)
+        except SystemExit as e:
+            if e.code:
+                wrong.append(f"{name}: {script}.py {' '.join(argv)}: {capsys.readouterr().err.strip()}")
+    assert not wrong, "\n".join(wrong)
+
+
+@pytest.mark.parametrize("script, argv, other_spelling", [
+    ("train", ["--model_steps", "5", "--tokenizer.latent_channels", "4", "--no-cache_latents", "--batch_size=4"],
+     ["--model-steps", "5", "--tokenizer.latent-channels", "4", "--no_cache_latents", "--batch-size=4"]),
+    ("sample", ["m.pt", "--num-images", "20", "--batch-size=5", "--guidance-continuous", "2", "--no-ema"],
+     ["m.pt", "--num_images", "20", "--batch_size=5", "--guidance_continuous", "2", "--no_ema"]),
+    ("fid", ["a.npz", "b.npz", "--save-stats", "--batch-size", "7"],
+     ["a.npz", "b.npz", "--save_stats", "--batch_size", "7"]),
+    ("bench", ["--train-batch", "3", "--fid-images", "0"], ["--train_batch", "3", "--fid_images", "0"]),
+])
+def test_dashes_and_underscores_parse_alike(script, argv, other_spelling):
+    assert PARSERS[script](other_spelling) == PARSERS[script](argv)
+
+
+def test_errors_name_the_documented_spelling(capsys):
+    with pytest.raises(SystemExit):
+        train.make_configs(["--model-steps", "0"])
+    assert "argument --model_steps: must be > 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        PARSERS["sample"](["m.pt", "--num_images", "0"])
+    assert "argument --num-images: must be > 0" in capsys.readouterr().err
+
+
+def test_every_flag_has_help_text():
+    parsers = {"train": train.make_parser([])[0], "sample": sample.make_parser(), "fid": fid.make_parser(),
+               "bench": bench.make_parser()}
+    for script, parser in parsers.items():
+        for action in parser._actions:
+            assert action.help and action.help.strip(), f"{script}.py {action.option_strings or action.dest}"
+
+
+def test_train_help_is_the_comment_of_each_config_field():
+    helps = {a.dest: a.help for a in train.make_parser([])[0]._actions}
+    assert helps["clip_latent"].startswith("sampling clamps the predicted clean c")
+    assert helps["dropout"].endswith("the cifar10 preset sets 0.1")  # a comment continued on the lines below
+    assert helps["head_width"] == helps["head_depth"]  # one sentence over two fields' lines
+    assert "3 is the default of its training script" in helps["head_depth"]
+    assert "(on the logits) ... and of the continuous phase" in helps["guidance_continuous"]
+    assert helps["model_steps"] == "optimizer steps of stage 2"  # a field without a comment
+    assert "Sampling defaults" not in helps["num_timesteps"]  # a comment line on the fields below, not on this one
+
+
+def test_fid_help_shows_its_docstring(capsys):
+    with pytest.raises(SystemExit) as e:
+        fid.main(["--help"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0 and "Python API" in out and "(default: pytorch-fid)" in out
+
+
+def test_readme_python_snippet_runs_on_a_trained_checkpoint(trained, tmp_path, monkeypatch):
+    readme = open(os.path.join(REPO, "README.md")).read()
+    snippet, = code_of(readme, "python")
+    assert '"out/model.pt"' in snippet
+    monkeypatch.chdir(tmp_path)
+    exec(snippet.replace("out/model.pt", str(trained / "model.pt")), {})
+    views = np.asarray(Image.open(tmp_path / "views.png"))
+    assert views.shape == (16, 2 * 10 * 16, 3)  # the 10 classes' images, decoded from c and from d, side by side
+
+
+def test_readme_exercise_script_blanks_only_the_named_functions(tmp_path):
+    readme = open(os.path.join(REPO, "README.md")).read()
+    block, = [b for b in code_of(readme, "bash") if "NotImplementedError" in b]
+    command, script = block.split("<<'EOF'\n")
+    names = command.split("python - discon.py")[1].split()
+    shutil.copy(os.path.join(REPO, "discon.py"), tmp_path)
+    done = subprocess.run([sys.executable, "-", "discon.py", *names], input=script.rsplit("EOF", 1)[0],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    spec = importlib.util.spec_from_file_location("discon_student", tmp_path / "discon.py")
+    student = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(student)
+    assert names == ["cosine_betas", "GaussianDiffusion.q_sample"]
+    with pytest.raises(NotImplementedError):
+        student.cosine_betas(10)
+    with pytest.raises(NotImplementedError):
+        student.GaussianDiffusion.q_sample(None, None, None, None)
+    assert student.cosine_betas.__doc__ == discon.cosine_betas.__doc__
+    t = torch.arange(3)
+    torch.testing.assert_close(student.timestep_embedding(t, 8), discon.timestep_embedding(t, 8))  # left as it was

@@ -8,13 +8,16 @@ The same script runs on a CPU, one GPU, or under torchrun (DDP is chosen from RA
   torchrun --nproc_per_node 8 train.py --preset imagenet64 --out_dir runs/in64
   python train.py --stage 2 --tokenizer out/tokenizer.pt --mode continuous --out_dir out_continuous
   (any of these) --resume                                         # continue from the checkpoints in --out_dir
-Every config field is a flag (--n_layer 6, --tokenizer.latent_channels 8); `python train.py --help` lists them.
+Every config field is a flag (--n_layer 6, --tokenizer.latent_channels 8), spelt with underscores as the field is
+(--model-steps is read as --model_steps); `python train.py --help` lists them, grouped by config, with their defaults
+under the chosen --preset.
 """
 import argparse
 import copy
 import functools
 import glob
 import hashlib
+import inspect
 import io
 import json
 import math
@@ -25,6 +28,7 @@ import sys
 import tarfile
 import tempfile
 import time
+import tokenize
 import urllib.request
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields
@@ -40,7 +44,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import discon
-from fid import IMAGE_EXTENSIONS, atomic_write, image_files, positive, read_rgb
+from fid import IMAGE_EXTENSIONS, HelpFormatter, atomic_write, image_files, parse_flags, positive, read_rgb
 
 
 @dataclass
@@ -49,7 +53,8 @@ class TrainConfig:
     data_dir: str = "data"        # where cifar10 / imagenet64 files are (or get downloaded / converted), or the folder
     out_dir: str = "out"          # checkpoints (tokenizer.pt, model.pt), log.jsonl, PNG grids
     stage: str = "both"           # 1 (tokenizer) | 2 (transformer) | both
-    tokenizer: str = ""           # stage 2: the stage-1 checkpoint to build on (default: out_dir/tokenizer.pt)
+    tokenizer: str = ""           # stage 2: path of the stage-1 checkpoint to build on, empty: out_dir/tokenizer.pt
+                                  # (not to be confused with the --tokenizer.NAME flags, TokenizerConfig's fields)
     resume: bool = False          # continue each stage from its checkpoint in out_dir
     seed: int = 0
     batch_size: int = 32          # global: per optimizer step, split over processes and accumulation steps
@@ -69,7 +74,8 @@ class TrainConfig:
     ckpt_every: int = 500
     compile: bool = False         # torch.compile the stage-2 model (stage 1 stays eager: README.md says why)
     cache_latents: bool = True    # stage 2: encode every image and its mirror image once instead of at every step
-                                  # (2x faster on the quick preset; imagenet64 turns it off: ~40 GB)
+                                  # (1.1x per step on the quick preset's small encoder, docs/experiments.md;
+                                  # imagenet64 turns it off: ~40 GB)
     refit_codebook: int = 0       # stage 2: first replace the tokenizer's codebook by this many k-means centres of its
                                   # encoder's latents (README: how much should d say); 0 keeps it
 
@@ -88,8 +94,8 @@ PRESETS = {
               "head_depth": 2, "diffusion_batch_mul": 1},
     # GPU recipes, not yet run end to end (README.md gives their step rates measured on one H200). Learning rates
     # follow MAR and LlamaGen's 1e-4 per 256 images for the transformer; the tokenizer's is of the order of LDM's
-    # autoencoders. The transformers are GPT-2 small sized (CIFAR-10; dropout 0.1 because 200k steps are ~1000 epochs)
-    # and MAR-B sized (ImageNet).
+    # autoencoders. The transformers have GPT-2 small's 12 layers at width 512 instead of 768 (CIFAR-10; dropout 0.1
+    # because 200k steps are ~1000 epochs) and MAR-B's (ImageNet: 24 x 768, as MAR-B's 12 encoder + 12 decoder blocks).
     "cifar10": {"dataset": "cifar10", "batch_size": 256, "tokenizer_steps": 50_000, "tokenizer_lr": 2e-4,
                 "model_steps": 200_000, "model_lr": 1e-4, "ema_decay": 0.9999, "log_every": 100,
                 "sample_every": 5000, "ckpt_every": 5000, "n_layer": 12, "n_head": 8, "n_embd": 512,
@@ -103,10 +109,54 @@ PRESETS = {
 }
 
 
-def make_configs(argv=None):
-    """Dataclass defaults <- preset <- command line. Returns (TrainConfig, TokenizerConfig, DisConConfig)."""
+# Help for the fields whose dataclass line has no comment; every other flag's help is its field's comment.
+UNCOMMENTED = {
+    "seed": "seeds the initial weights; with the step and the rank, every random draw (data order, noise, dropout)",
+    "grad_accum": "micro-steps per optimizer step, for when one process's share of --batch_size does not fit",
+    "tokenizer_lr": "peak learning rate of stage 1",
+    "model_steps": "optimizer steps of stage 2",
+    "model_lr": "peak learning rate of stage 2",
+    "ema_decay": "of the EMA of the weights that previews and sample.py use (warmed up: update_ema)",
+    "log_every": "steps between log lines (terminal and log.jsonl)",
+    "ckpt_every": "steps between checkpoints (and the last step)",
+    "num_classes": "set from the dataset by train.py; a flag only because every field is one",
+    "n_head": "attention heads; n_embd must be a multiple of it",
+    "n_embd": "transformer width",
+    "in_channels": "image channels: 3 (RGB)",
+}
+
+
+def field_comments(cls):
+    """{field: help} from the source of a config dataclass, so that the dataclass stays the one place where a setting is
+    explained: the comment on the field's line and the comment lines aligned under it. Where a comment runs on into the
+    next field's (an open bracket, or "..."), the two fields share the whole text."""
+    tokens = list(tokenize.generate_tokens(io.StringIO(inspect.getsource(cls)).readline))
+    names, comments = [f.name for f in fields(cls)], {}
+    field = row = column = None
+    for tok, following in zip(tokens, tokens[1:]):
+        first_on_line = not tok.line[:tok.start[1]].strip()
+        if tok.type == tokenize.NAME and tok.string in names and following.string == ":" and first_on_line:
+            field, row, column = tok.string, tok.start[0], None                        # a field's line
+        elif tok.type == tokenize.COMMENT:
+            text = tok.string.lstrip("#").strip()
+            if field and tok.start[0] == row:                                          # on the field's line
+                comments[field], column = text, tok.start[1]
+            elif column is not None and tok.start[1] == column:                        # aligned under it
+                comments[field] += " " + text
+            else:                                                                      # a comment on something else
+                field = column = None
+    for a, b in zip(names, names[1:]):
+        text = comments.get(a, "")
+        if b in comments and (text.count("(") > text.count(")") or text.endswith("...")):
+            comments[a] = comments[b] = text + " " + comments[b].lstrip(". ")
+    return {name: comments.get(name) or UNCOMMENTED.get(name, "") for name in names}
+
+
+def make_parser(argv=None):
+    """The parser of train.py, its defaults those of the preset named in argv.
+    -> (parser, {flag: (config, field)}, (TrainConfig, TokenizerConfig, DisConConfig) holding those defaults)."""
     pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--preset", default="quick", choices=PRESETS, help="recipe that sets the defaults below")
+    pre.add_argument("--preset", default="quick", choices=PRESETS, help="the recipe that sets the defaults below")
     preset = pre.parse_known_args(argv)[0].preset
     train_cfg, tok_cfg, model_cfg = TrainConfig(), discon.TokenizerConfig(), discon.DisConConfig()
     flags = {f.name: (train_cfg, f) for f in fields(train_cfg)}
@@ -116,16 +166,35 @@ def make_configs(argv=None):
     for name, value in PRESETS[preset].items():
         setattr(flags[name][0], flags[name][1].name, value)
 
-    class Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-        pass
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=Formatter, allow_abbrev=False, parents=[pre])
+    parser = argparse.ArgumentParser(prog="train.py", description=__doc__, formatter_class=HelpFormatter,
+                                     allow_abbrev=False, parents=[pre])
+    groups = {  # one group per config in --help, in the order of the flags
+        TrainConfig: parser.add_argument_group(
+            "TrainConfig (train.py): data, outputs, stages, optimisation",
+            "--tokenizer PATH names the stage-1 checkpoint that stage 2 builds on; the --tokenizer.NAME flags (below)\n"
+            "configure the tokenizer that stage 1 trains."),
+        discon.DisConConfig: parser.add_argument_group(
+            "DisConConfig (discon.py): mode, transformer, diffusion head, sampling defaults"),
+        discon.TokenizerConfig: parser.add_argument_group(
+            "TokenizerConfig (discon.py), as --tokenizer.NAME",
+            "Read by stage 1. Stage 2 rebuilds the tokenizer from the config saved in its checkpoint and ignores\n"
+            "these."),
+    }
+    helps = {cls: field_comments(cls) for cls in groups}
     for name, (cfg, f) in flags.items():
         kind = {"bool": bool, "int": int, "float": float, "str": str}.get(f.type, f.type)  # annotations may be strings
         kind = positive(kind, zero=name in NON_NEGATIVE) if name in POSITIVE | NON_NEGATIVE else kind
-        parser.add_argument("--" + name, dest=name, default=getattr(cfg, f.name), help=type(cfg).__name__,
-                            **{"action": argparse.BooleanOptionalAction} if kind is bool else
-                            {"type": kind, "choices": CHOICES.get(name)})
-    args = parser.parse_args(argv)
+        text = helps[type(cfg)][f.name].replace("%", "%%")  # argparse %-formats help strings
+        groups[type(cfg)].add_argument("--" + name, dest=name, default=getattr(cfg, f.name), help=text,
+                                       **{"action": argparse.BooleanOptionalAction} if kind is bool else
+                                       {"type": kind, "choices": CHOICES.get(name)})
+    return parser, flags, (train_cfg, tok_cfg, model_cfg)
+
+
+def make_configs(argv=None):
+    """Dataclass defaults <- preset <- command line. Returns (TrainConfig, TokenizerConfig, DisConConfig)."""
+    parser, flags, (train_cfg, tok_cfg, model_cfg) = make_parser(argv)
+    args = parse_flags(parser, argv)
     for name, (cfg, f) in flags.items():
         setattr(cfg, f.name, getattr(args, name))
     try:  # rebuilt so that the configs' own checks (__post_init__) see the final values
