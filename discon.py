@@ -245,23 +245,36 @@ class Tokenizer(nn.Module):
             terms["perplexity"], terms["usage"] = self.update_usage(d)
         return terms
 
+    # Encoding and decoding run in the weights' precision (float32) even under autocast. Stage 2 without cached
+    # latents encodes inside its bf16 training autocast, where bf16 convolutions gave the quick tokenizer another d at
+    # 1.29% of positions and a c off by 0.005 RMS: other targets than the cached latents, --real-codes and the latent
+    # statistics (all float32). Sampling decodes inside sample.py's autocast, where a bf16 decoder moved 18% of the
+    # pixels by one level or more: GPU samples would not be the images a CPU decodes from the same c.
+
+    def encoder_mean(self, x):
+        """The posterior mean (B, C, h, w) of images x: the continuous view before its normalisation."""
+        with torch.autocast(x.device.type, enabled=False):
+            return self.encoder(x.to(self.codebook.weight.dtype))[:, : self.cfg.latent_channels]
+
     @torch.no_grad()
     def encode(self, x):
         """Images -> (c, d): c the normalised posterior mean (B, C, h, w), d its nearest codes (B, h, w)."""
         self.check_images(x)
-        mean = self.encoder(x)[:, : self.cfg.latent_channels]
+        mean = self.encoder_mean(x)
         _, d, _ = self.quantize(mean)
         c = (mean - self.latent_mean.view(1, -1, 1, 1)) / self.latent_std.view(1, -1, 1, 1)
         return c, d
 
     def decode(self, c):
         """Normalised continuous grid (B, C, h, w) -> images (B, 3, H, W), about [-1, 1]."""
-        z = c * self.latent_std.view(1, -1, 1, 1) + self.latent_mean.view(1, -1, 1, 1)
-        return self.decoder(z)
+        with torch.autocast(c.device.type, enabled=False):
+            z = c.to(self.codebook.weight.dtype) * self.latent_std.view(1, -1, 1, 1)
+            return self.decoder(z + self.latent_mean.view(1, -1, 1, 1))
 
     def decode_codes(self, d):
         """Discrete grid (B, h, w) -> images: the reconstruction from the quantized view."""
-        return self.decoder(self.codebook(d).permute(0, 3, 1, 2))
+        with torch.autocast(d.device.type, enabled=False):
+            return self.decoder(self.codebook(d).permute(0, 3, 1, 2))
 
     @torch.no_grad()
     def fit_latent_stats(self, batches):
@@ -270,7 +283,7 @@ class Tokenizer(nn.Module):
         for x in batches:
             x = x.to(self.latent_mean.device)
             self.check_images(x)
-            mean = self.encoder(x)[:, : self.cfg.latent_channels].double()
+            mean = self.encoder_mean(x).double()
             total = total + mean.sum((0, 2, 3))
             total_sq = total_sq + mean.pow(2).sum((0, 2, 3))
             count += mean.numel() // mean.shape[1]
@@ -288,7 +301,7 @@ class Tokenizer(nn.Module):
         iterable of image batches: a discrete view of another size on the same frozen continuous view. Only c is
         decoded well afterwards (the decoder was trained on the old codes); README's codebook-size sweep uses it."""
         C = self.cfg.latent_channels
-        z = torch.cat([self.encoder(x.to(self.latent_mean.device))[:, :C].permute(0, 2, 3, 1).reshape(-1, C)
+        z = torch.cat([self.encoder_mean(x.to(self.latent_mean.device)).permute(0, 2, 3, 1).reshape(-1, C)
                        for x in batches])                                                   # (M, C)
         if len(z) < codebook_size:
             raise ValueError(f"{len(z)} latent vectors cannot be fitted with {codebook_size} codes; give more images")

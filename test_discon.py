@@ -530,6 +530,17 @@ def test_vq_indices_under_bf16_autocast_equal_float32_indices():
     assert torch.equal(mixed, exact)
 
 
+def test_encode_under_bf16_autocast_equals_the_float32_encode():
+    tok, x = tiny_tokenizer(), images(16)
+    c, d = tok.encode(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed_c, mixed_d = tok.encode(x)
+        rounded = tok.quantize(tok.encoder(x)[:, :tok.cfg.latent_channels])[1]
+    assert (rounded != d).any(), "a bf16 encoder should give another code somewhere, or this test shows nothing"
+    assert torch.equal(mixed_d, d) and mixed_c.dtype == torch.float32
+    torch.testing.assert_close(mixed_c, c)
+
+
 def test_vq_straight_through_passes_the_decoder_gradient_to_the_encoder():
     tok = tiny_tokenizer()
     x = images(2)
@@ -791,6 +802,18 @@ def test_generate_works_under_bf16_autocast():
         out = model.generate(torch.tensor([0, 1]), guidance=2.0, generator=torch.Generator().manual_seed(0))
         loss = model(images(2), torch.tensor([0, 1]))["loss"]
     assert out.dtype == torch.uint8 and out.shape == (2, 3, 16, 16) and torch.isfinite(loss)
+
+
+def test_generate_under_bf16_autocast_decodes_its_latents_in_float32():
+    model = tiny_model("discon")
+    decoded = spy(model.tokenizer, "decode")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model.generate(torch.arange(8), guidance=2.0, generator=torch.Generator().manual_seed(0))
+        rounded = discon.to_uint8(model.tokenizer.decoder(decoded[0]["c"]))  # latent statistics 0 and 1: unfitted
+    del model.tokenizer.decode
+    expected = discon.to_uint8(model.tokenizer.decode(decoded[0]["c"]))  # outside autocast: float32
+    assert not torch.equal(rounded, expected), "a bf16 decoder should move some pixel, or this test shows nothing"
+    assert torch.equal(out, expected)
 
 
 def embed_calls(model, y, **generate_kwargs):
