@@ -41,11 +41,19 @@ class TokenizerConfig:
     usage_decay: float = 0.99          # EMA decay of per-code usage counts
 
     def __post_init__(self):
-        levels = math.log2(self.downsample)
-        if self.downsample < 2 or levels != int(levels):
+        check_fields(self, positive=("image_size", "in_channels", "base_channels", "latent_channels", "codebook_size"),
+                     non_negative=("kl_weight", "commitment_weight", "dead_code_threshold"))
+        if not 0 <= self.usage_decay < 1:
+            raise ValueError(f"usage_decay must be in [0, 1), got {self.usage_decay}")
+        if self.downsample < 2 or self.downsample & (self.downsample - 1):  # n & (n - 1) is 0 for powers of 2 only
             raise ValueError(f"downsample must be a power of 2 (4 or 8), got {self.downsample}")
         if self.image_size % self.downsample:
             raise ValueError(f"image_size {self.image_size} is not divisible by downsample {self.downsample}")
+        for width in _widths(self):  # GroupNorm must split every width into equal groups
+            groups = norm_groups(width)
+            if groups == 0 or width % groups:
+                raise ValueError(f"base_channels {self.base_channels} gives a layer of {width} channels, which GroupNorm "
+                                 f"cannot split into {groups} equal groups: use a multiple of 32, or of 4 below 32")
 
     @property
     def grid_size(self):
@@ -78,9 +86,28 @@ class DisConConfig:
 
     def __post_init__(self):
         if self.mode not in MODES:
-            raise ValueError(f"unknown mode {self.mode!r}: choose one of {', '.join(MODES)}")
+            raise ValueError(f"mode {self.mode!r} is unknown: choose one of {', '.join(MODES)}")
+        check_fields(self, positive=("num_classes", "n_layer", "n_head", "n_embd", "head_width", "head_depth",
+                                     "diffusion_batch_mul", "num_timesteps", "diffusion_steps", "clip_latent"),
+                     non_negative=("guidance", "guidance_continuous"))
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if not 0 <= self.label_drop < 0.5:  # discon mode drops the class, and the whole condition, each at this rate
+            raise ValueError(f"label_drop must be in [0, 0.5), got {self.label_drop}")
+        if self.diffusion_steps > self.num_timesteps:
+            raise ValueError(f"diffusion_steps {self.diffusion_steps} is more than num_timesteps {self.num_timesteps}")
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd {self.n_embd} is not divisible by n_head {self.n_head}")
+
+
+def check_fields(config, positive=(), non_negative=()):
+    """ValueError for the first field of `config` named in `positive` that is not a finite number > 0, or in
+    `non_negative` not one >= 0. Every message of the configs' checks starts with the field's name: train.py turns
+    that name into the flag's (--n_layer, --tokenizer.codebook_size)."""
+    for name in positive + non_negative:
+        value = getattr(config, name)
+        if not (math.isfinite(value) and (value > 0 if name in positive else value >= 0)):
+            raise ValueError(f"{name} must be {'> 0' if name in positive else '>= 0'}, got {value}")
 
 
 def to_uint8(x):
@@ -98,12 +125,17 @@ def _distributed():
 # up as the gap between the two reconstructions (the paper's Figure 1 point).
 
 
+def norm_groups(channels):
+    """The GroupNorm groups of a layer: 32 as in LDM's autoencoder, fewer (4 channels each) in narrow layers."""
+    return min(32, channels // 4)
+
+
 class ResBlock(nn.Module):
     def __init__(self, ch_in, ch_out):
         super().__init__()
-        self.norm1 = nn.GroupNorm(min(32, ch_in // 4), ch_in)
+        self.norm1 = nn.GroupNorm(norm_groups(ch_in), ch_in)
         self.conv1 = nn.Conv2d(ch_in, ch_out, 3, padding=1)
-        self.norm2 = nn.GroupNorm(min(32, ch_out // 4), ch_out)
+        self.norm2 = nn.GroupNorm(norm_groups(ch_out), ch_out)
         self.conv2 = nn.Conv2d(ch_out, ch_out, 3, padding=1)
         self.skip = nn.Conv2d(ch_in, ch_out, 1) if ch_in != ch_out else nn.Identity()
 
@@ -126,7 +158,7 @@ class Encoder(nn.Module):
         layers = [nn.Conv2d(cfg.in_channels, w[0], 3, padding=1)]
         for i in range(len(w) - 1):
             layers += [ResBlock(w[i], w[i + 1]), nn.Conv2d(w[i + 1], w[i + 1], 3, stride=2, padding=1)]
-        layers += [ResBlock(w[-1], w[-1]), nn.GroupNorm(min(32, w[-1] // 4), w[-1]), nn.SiLU()]
+        layers += [ResBlock(w[-1], w[-1]), nn.GroupNorm(norm_groups(w[-1]), w[-1]), nn.SiLU()]
         layers += [nn.Conv2d(w[-1], 2 * cfg.latent_channels, 1)]  # posterior mean and log-variance
         self.net = nn.Sequential(*layers)
 
@@ -142,7 +174,7 @@ class Decoder(nn.Module):
         for i in range(len(w) - 1):
             layers += [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(w[i], w[i], 3, padding=1)]
             layers += [ResBlock(w[i], w[i + 1])]
-        layers += [nn.GroupNorm(min(32, w[-1] // 4), w[-1]), nn.SiLU(), nn.Conv2d(w[-1], cfg.in_channels, 3, padding=1)]
+        layers += [nn.GroupNorm(norm_groups(w[-1]), w[-1]), nn.SiLU(), nn.Conv2d(w[-1], cfg.in_channels, 3, padding=1)]
         self.net = nn.Sequential(*layers)
 
     def forward(self, z):

@@ -34,10 +34,10 @@ def main(argv=None):
     p.add_argument("--labels", type=lambda s: [int(v) for v in s.split(",")], default=None,
                    help="comma-separated class ids, repeated to --num-images (default: every class equally often)")
     p.add_argument("--batch-size", type=positive(int), default=100)
-    p.add_argument("--guidance", type=float, default=None,
+    p.add_argument("--guidance", type=positive(float, zero=True), default=None,
                    help="classifier-free guidance scale of both phases (1 = none), unless the next flag is given "
                         "(default: the model config's, measured in README.md)")
-    p.add_argument("--guidance-continuous", type=float, default=None,
+    p.add_argument("--guidance-continuous", type=positive(float, zero=True), default=None,
                    help="the guidance scale of the continuous phase alone (discon and continuous modes)")
     p.add_argument("--temperature", type=positive(float), default=1.0)
     p.add_argument("--top-k", type=positive(int, zero=True), default=0, help="0 = sample from every code")

@@ -885,12 +885,37 @@ def test_mismatched_c_and_d_grids_are_rejected():
 
 
 def test_unknown_mode_and_bad_configs_are_rejected():
-    with pytest.raises(ValueError, match="unknown mode 'mar': choose one of discon, continuous, discrete"):
+    with pytest.raises(ValueError, match="mode 'mar' is unknown: choose one of discon, continuous, discrete"):
         DisConConfig(mode="mar")
     with pytest.raises(ValueError, match="downsample must be a power of 2"):
         TokenizerConfig(downsample=6)
     with pytest.raises(ValueError, match="not divisible"):
         TokenizerConfig(image_size=30, downsample=4)
+
+
+@pytest.mark.parametrize("config, field, value, message", [
+    *[(TokenizerConfig, field, value, f"{field} must be > 0, got {value}") for field, value in [
+        ("image_size", 0), ("in_channels", 0), ("base_channels", -8), ("latent_channels", 0), ("codebook_size", 0)]],
+    *[(TokenizerConfig, field, value, f"{field} must be >= 0, got {value}") for field, value in [
+        ("kl_weight", -1.0), ("commitment_weight", float("nan")), ("dead_code_threshold", -0.1)]],
+    (TokenizerConfig, "usage_decay", 1.0, "usage_decay must be in [0, 1), got 1.0"),
+    (TokenizerConfig, "downsample", 0, "downsample must be a power of 2 (4 or 8), got 0"),
+    (TokenizerConfig, "base_channels", 132, "base_channels 132 gives a layer of 132 channels, which GroupNorm cannot"),
+    *[(DisConConfig, field, value, f"{field} must be > 0, got {value}") for field, value in [
+        ("num_classes", 0), ("n_layer", 0), ("n_head", 0), ("n_embd", -4), ("head_width", 0), ("head_depth", 0),
+        ("diffusion_batch_mul", 0), ("num_timesteps", 0), ("diffusion_steps", 0), ("clip_latent", 0.0),
+        ("clip_latent", float("nan"))]],
+    *[(DisConConfig, field, -1.0, f"{field} must be >= 0, got -1.0") for field in ["guidance", "guidance_continuous"]],
+    (DisConConfig, "dropout", 1.0, "dropout must be in [0, 1), got 1.0"),
+    (DisConConfig, "label_drop", 0.5, "label_drop must be in [0, 0.5), got 0.5"),
+    (DisConConfig, "label_drop", -0.1, "label_drop must be in [0, 0.5), got -0.1"),
+    (DisConConfig, "diffusion_steps", 1001, "diffusion_steps 1001 is more than num_timesteps 1000"),
+])
+def test_config_fields_out_of_range_are_rejected_naming_the_field(config, field, value, message):
+    config(**{field: config.__dataclass_fields__[field].default})  # the default is in range
+    with pytest.raises(ValueError) as e:
+        config(**{field: value})
+    assert str(e.value).startswith(message)  # from the field's name on: train.py prefixes its flag
 
 
 # ======================================================================================================================
@@ -1748,6 +1773,18 @@ def bad_files(trained, tmp_path):
         ("--log_every", "0"), ("--ckpt_every", "-5"), ("--sample_every", "0"), ("--model_lr", "0"),
         ("--tokenizer_lr", "nan")]],
     ("train", ["--seed", "-1"], "argument --seed: must be >= 0"),
+    *[("train", [flag, value], f"{flag} must be {requirement}, got {value}") for flag, value, requirement in [
+        ("--diffusion_steps", "0", "> 0"), ("--n_layer", "0", "> 0"), ("--n_head", "-2", "> 0"),
+        ("--head_width", "0", "> 0"), ("--head_depth", "0", "> 0"), ("--diffusion_batch_mul", "0", "> 0"),
+        ("--num_timesteps", "0", "> 0"), ("--clip_latent", "0.0", "> 0"), ("--guidance", "-1.0", ">= 0"),
+        ("--guidance_continuous", "nan", ">= 0"), ("--label_drop", "0.5", "in [0, 0.5)"),
+        ("--dropout", "1.0", "in [0, 1)"), ("--tokenizer.codebook_size", "0", "> 0"),
+        ("--tokenizer.latent_channels", "0", "> 0"), ("--tokenizer.base_channels", "0", "> 0"),
+        ("--tokenizer.image_size", "-32", "> 0"), ("--tokenizer.kl_weight", "-1.0", ">= 0"),
+        ("--tokenizer.usage_decay", "1.0", "in [0, 1)")]],
+    ("train", ["--diffusion_steps", "2000"], "--diffusion_steps 2000 is more than num_timesteps 1000"),
+    ("train", ["--tokenizer.downsample", "3"], "--tokenizer.downsample must be a power of 2"),
+    ("train", ["--tokenizer.in_channels", "1"], "argument --tokenizer.in_channels: invalid choice: 1"),
     ("train", ["--batch_size", "eight"], "argument --batch_size: invalid int value"),
     ("train", ["--dataset", "folder", "--data_dir", "/no/such/dir"], "not a directory"),
     ("train", ["--dataset", "folder", "--data_dir", "{tmp}/hidden"], "no images"),
@@ -1766,7 +1803,8 @@ def bad_files(trained, tmp_path):
     ("sample", ["{tmp}/run/model.pt", "--num-images", "15"], "not divisible"),
     *[("sample", ["{tmp}/run/model.pt", flag, value], f"argument {flag}: must be > 0") for flag, value in [
         ("--num-images", "0"), ("--batch-size", "0"), ("--temperature", "0"), ("--diffusion-steps", "0")]],
-    ("sample", ["{tmp}/run/model.pt", "--top-k", "-1"], "argument --top-k: must be >= 0"),
+    *[("sample", ["{tmp}/run/model.pt", flag, "-1"], f"argument {flag}: must be >= 0") for flag in [
+        "--top-k", "--guidance", "--guidance-continuous"]],
     ("sample", ["{tmp}/run/model.pt", "--diffusion-steps", "1001"], "--diffusion-steps 1001 is more than"),
     ("sample", ["{tmp}/run/model.pt", "--out", "{tmp}/a_file"], "cannot write into {tmp}/a_file"),
     ("sample", ["{tmp}/run/model.pt", "--fid-ref", "{tmp}/no_stats.npz"], "--fid-ref {tmp}/no_stats.npz"),

@@ -75,7 +75,7 @@ class TrainConfig:
 
 
 CHOICES = {"dataset": ("shapes", "cifar10", "imagenet64", "folder"), "stage": ("1", "2", "both"),
-           "schedule": ("cosine", "constant"), "mode": discon.MODES}
+           "schedule": ("cosine", "constant"), "mode": discon.MODES, "tokenizer.in_channels": (3,)}  # data are RGB
 POSITIVE = {"batch_size", "grad_accum", "tokenizer_steps", "tokenizer_lr", "model_steps", "model_lr", "log_every",
             "sample_every", "ckpt_every"}
 NON_NEGATIVE = {"seed", "warmup", "weight_decay", "grad_clip"}
@@ -128,10 +128,13 @@ def make_configs(argv=None):
     args = parser.parse_args(argv)
     for name, (cfg, f) in flags.items():
         setattr(cfg, f.name, getattr(args, name))
-    try:  # rebuilt so that the configs' own checks (__post_init__) see the final values
-        return train_cfg, discon.TokenizerConfig(**asdict(tok_cfg)), discon.DisConConfig(**asdict(model_cfg))
-    except ValueError as e:
-        parser.error(str(e))
+
+    def rebuilt(config, flag_prefix):  # so that the config's own checks (__post_init__) see the final values; each
+        try:                            # of their messages starts with a field's name, here turned into its flag
+            return type(config)(**asdict(config))
+        except ValueError as e:
+            parser.error(flag_prefix + str(e))
+    return train_cfg, rebuilt(tok_cfg, "--tokenizer."), rebuilt(model_cfg, "--")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
