@@ -1762,6 +1762,12 @@ def bad_files(trained, tmp_path):
     fake_cifar_batches(tmp_path / "cifar" / "cifar-10-batches-py")
     os.remove(tmp_path / "cifar" / "cifar-10-batches-py" / "data_batch_3")  # an extraction that was killed
     fake_cifar_batches(tmp_path / "labels" / "cifar-10-batches-py", labels=12)  # a foreign file with 12 classes
+    retrained = load(trained / "tokenizer.pt")  # the same config, other weights: a retrained tokenizer
+    retrained["ema"]["decoder.net.0.bias"] += 0.01
+    torch.save(retrained, tmp_path / "retrained_tokenizer.pt")
+    (tmp_path / "retrained").mkdir()  # a run whose tokenizer.pt was retrained after its stage 2
+    shutil.copy(trained / "model.pt", tmp_path / "retrained")
+    torch.save(retrained, tmp_path / "retrained" / "tokenizer.pt")
     return tmp_path
 
 
@@ -1798,6 +1804,10 @@ def bad_files(trained, tmp_path):
     ("train", ["--out_dir", "{tmp}/a_file"], "cannot write into {tmp}/a_file"),
     ("train", ["--resume", "--n_layer", "2"], "another model config"),
     ("train", ["--resume", "--model_steps", "8", "--tokenizer_steps", "2"], "pass --tokenizer_steps 4 or more"),
+    ("train", ["--stage", "2", "--resume", "--tokenizer", "{tmp}/retrained_tokenizer.pt"],
+     "{tmp}/run/model.pt was trained on other tokenizer weights than {tmp}/retrained_tokenizer.pt holds now"),
+    ("train", ["--resume", "--out_dir", "{tmp}/retrained"],
+     "{tmp}/retrained/model.pt was trained on other tokenizer weights than {tmp}/retrained/tokenizer.pt holds now"),
     ("sample", ["{tmp}/run/log.jsonl"], "cannot read {tmp}/run/log.jsonl"),
     ("sample", ["{tmp}/truncated.pt"], "cannot read {tmp}/truncated.pt"),
     ("sample", ["{tmp}/run/model.pt", "--num-images", "15"], "not divisible"),

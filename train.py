@@ -221,6 +221,25 @@ def load_tokenizer(path):
     return ckpt if ckpt["finished"] else fail(f"{path} is unfinished: finish stage 1 with --stage 1 --resume")
 
 
+def tokenizer_path(tokenizer, out_dir):
+    """The stage-1 checkpoint that stage 2 builds on: --tokenizer, else tokenizer.pt in --out_dir."""
+    return tokenizer or os.path.join(out_dir, "tokenizer.pt")
+
+
+def check_same_tokenizer(model, ckpt, path, train_cfg):
+    """Stop a resumed stage 2 whose tokenizer (as main() built it) has other weights than the one in its checkpoint
+    `path`: the configs may match while tokenizer.pt was retrained, or another --tokenizer was passed. Resuming would
+    silently go on with the old tokenizer, stored in the checkpoint."""
+    saved = {k.removeprefix("tokenizer."): v for k, v in ckpt["model"].items() if k.startswith("tokenizer.")}
+    now = model.tokenizer.state_dict()
+    if now.keys() != saved.keys() or not all(torch.equal(now[k].cpu(), saved[k]) for k in saved):
+        tok_path = tokenizer_path(train_cfg.tokenizer, train_cfg.out_dir)
+        trained_on = tokenizer_path(ckpt["config"]["train"]["tokenizer"], ckpt["config"]["train"]["out_dir"])
+        fail(f"{path} was trained on other tokenizer weights than {tok_path} holds now (retrained, or another "
+             f"--tokenizer): resume with the tokenizer it was trained on (its config names {trained_on}), or leave out "
+             f"--resume to train stage 2 anew on {tok_path}")
+
+
 def trim_log(path, stage, step):
     """Drop the lines of log.jsonl after (stage, step), where this run starts: a resumed run logs the steps after its
     checkpoint again. A torn last line, written when the run was killed, goes too."""
@@ -592,6 +611,8 @@ def train_stage(stage, model, data, train_cfg, config, rank, world, device):
             diff = {k: (saved.get(k), v) for k, v in config[part].items() if saved.get(k) != v}
             if diff:
                 fail(f"{path} was made with another {part} config, field: (checkpoint, now): {diff}")
+        if stage == 2:
+            check_same_tokenizer(model, ckpt, path, train_cfg)
         if ckpt["step"] > steps:
             fail(f"{path} is at step {ckpt['step']}, beyond --{name}_steps {steps}: pass --{name}_steps {ckpt['step']} "
                  f"or more to continue it, or leave out --resume to start again")
@@ -685,7 +706,7 @@ def main(argv=None):
                  f"{world * train_cfg.grad_accum}")
         if train_cfg.tokenizer and train_cfg.stage != "2":
             fail("--tokenizer starts stage 2 from an existing tokenizer: use it with --stage 2")
-        tok_path = train_cfg.tokenizer or os.path.join(train_cfg.out_dir, "tokenizer.pt")
+        tok_path = tokenizer_path(train_cfg.tokenizer, train_cfg.out_dir)
         if train_cfg.stage == "2":  # the tokenizer checkpoint defines the tokenizer config (and so the image size)
             tok_cfg = discon.TokenizerConfig(**load_tokenizer(tok_path)["config"]["tokenizer"])
         if rank == 0:
