@@ -1553,6 +1553,23 @@ def test_resume_after_a_kill_ends_with_the_same_weights(stage, tmp_path, monkeyp
     assert steps == [(1, 1), (1, 2), (1, 3), (1, 4), (2, 1), (2, 2), (2, 3), (2, 4)]  # step 3 logged once
 
 
+def test_deterministic_flag_turns_on_deterministic_kernels_and_changes_nothing_on_cpu(tmp_path, trained, monkeypatch,
+                                                                                      fast_shapes):
+    monkeypatch.setitem(os.environ, "CUBLAS_WORKSPACE_CONFIG", "")
+    monkeypatch.delitem(os.environ, "CUBLAS_WORKSPACE_CONFIG")  # unset for the run, as it was before it afterwards
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", False)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)
+    try:
+        train.main(TINY + ["--stage", "2", "--tokenizer", str(trained / "tokenizer.pt"), "--out_dir", str(tmp_path),
+                           "--deterministic"])
+        assert torch.are_deterministic_algorithms_enabled() and torch.is_deterministic_algorithms_warn_only_enabled()
+        assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert_same_weights(load(tmp_path / "model.pt")["model"], load(trained / "model.pt")["model"])
+
+
 def test_interrupted_checkpoint_write_leaves_the_previous_one(tmp_path, monkeypatch, fast_shapes):
     args = TINY + ["--out_dir", str(tmp_path), "--stage", "1"]
     train.main(args + ["--tokenizer_steps", "2"])

@@ -72,6 +72,8 @@ class TrainConfig:
                                   # (2x faster on the quick preset; imagenet64 turns it off: ~40 GB)
     refit_codebook: int = 0       # stage 2: first replace the tokenizer's codebook by this many k-means centres of its
                                   # encoder's latents (README: how much should d say); 0 keeps it
+    deterministic: bool = False   # CUDA: deterministic kernels where torch has them, so that a resumed run ends as an
+                                  # uninterrupted one there too (README); CPU runs are deterministic without it
 
 
 CHOICES = {"dataset": ("shapes", "cifar10", "imagenet64", "folder"), "stage": ("1", "2", "both"),
@@ -139,6 +141,15 @@ def make_configs(argv=None):
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Processes: one script for CPU, one GPU and torchrun; every collective is guarded, rank 0 alone prints and writes.
+
+def make_deterministic():
+    """--deterministic: torch's deterministic kernels where it has them (on CUDA, embedding and attention backward
+    otherwise add in a varying order); an op without one warns, naming itself, instead of stopping the run. cuBLAS
+    reads its workspace setting when it starts, so this runs before anything touches the GPU."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # one of the two settings cuBLAS documents for this
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+
 
 def setup_distributed():
     """-> (rank, local_rank, world_size, device). A plain `python` run is rank 0 of 1 and never calls a collective."""
@@ -699,6 +710,8 @@ def train_stage(stage, model, data, train_cfg, config, rank, world, device):
 
 def main(argv=None):
     train_cfg, tok_cfg, model_cfg = make_configs(argv)
+    if train_cfg.deterministic:
+        make_deterministic()
     rank, local_rank, world, device = setup_distributed()
     try:
         if train_cfg.batch_size % (world * train_cfg.grad_accum):
