@@ -1854,3 +1854,21 @@ def test_bad_input_exits_with_a_clear_message(script, argv, message, bad_files, 
             {"sample": sample.main, "fid": fid.main}[script](argv)
     assert e.value.code != 0 and message.format(tmp=bad_files) in str(e.value.code) + capsys.readouterr().err
     assert not os.path.exists("/no/such/dir")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--presets", "foo"], "argument --presets: unknown foo: choose from quick, cifar10, imagenet64"),
+    (["--modes", "discon,mar"], "argument --modes: unknown mar: choose from discon, continuous, discrete"),
+])
+def test_bench_with_an_unknown_preset_or_mode_exits_with_the_argument_error(argv, message):
+    # It used to hang: the measuring process exited on the error while bench.py waited for its result.
+    result = subprocess.run([sys.executable, os.path.join(REPO, "bench.py"), *argv], env=ENV, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 2 and message in result.stderr
+
+
+def test_bench_stops_when_a_measuring_process_dies():
+    dies = "import bench; bench.in_fresh_process('quick, discon', bench.measure_mode, None, 'quick', 'discon')"
+    result = subprocess.run([sys.executable, "-c", dies], cwd=REPO, env=ENV, capture_output=True, text=True,
+                            timeout=60)  # measure_mode fails on its first line without args; a hang fails here
+    assert result.returncode == 1 and "the process measuring quick, discon died with exit code 1" in result.stderr
