@@ -2,13 +2,16 @@
 
     python bench.py                       # CPU: quick and cifar10 presets, all three modes, KV cache, FID
     python bench.py --device cuda --bf16  # GPU; add --compile to time a torch.compile'd training step
+    python bench.py --device cuda --bf16 --presets cifar10 --modes discon --sample-batch 256,1024,4096  # batch scaling
 
 Each (preset, mode) row runs in a fresh process, so its peak memory is its own: peak RSS on a CPU, peak allocated
 CUDA memory on a GPU. Ratios are measured within one run, on the same machine, seconds apart.
 """
 import argparse
 import multiprocessing as mp
+import queue as queues
 import resource
+import sys
 import time
 from dataclasses import asdict, fields
 
@@ -18,6 +21,7 @@ import torch
 import discon
 import fid
 import train
+from fid import positive
 
 
 def timed(fn, repeats):
@@ -44,7 +48,9 @@ def build(preset, mode, device):
 
 
 def measure_mode(args, preset, mode, queue):
-    """One row: training images/s, sampling images/s and peak memory of one preset in one mode."""
+    """One row: training images/s, sampling images/s at each sample batch, and peak memory of one preset in one mode."""
+    if args.deterministic:
+        train.make_deterministic()  # before anything touches the GPU
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     model = build(preset, mode, device)
@@ -63,20 +69,53 @@ def measure_mode(args, preset, mode, queue):
         loss.backward()
         optimizer.step()
 
-    labels = torch.arange(args.sample_batch, device=device) % model.cfg.num_classes
-
-    def sample():
+    def sample(batch):
+        labels = torch.arange(batch, device=device) % model.cfg.num_classes
         with autocast:
             model.generate(labels, guidance=2.0, diffusion_steps=args.diffusion_steps,
                            generator=torch.Generator(device).manual_seed(0))
 
-    train_s = timed(train_step, args.repeats)
-    sample_s = timed(sample, 1)
+    train_ips = args.train_batch / timed(train_step, args.repeats)
+    sample_ips = [batch / timed(lambda: sample(batch), 1) for batch in args.sample_batch]
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated() / 2**20
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
-    queue.put((args.train_batch / train_s, args.sample_batch / sample_s, peak))
+    queue.put((train_ips, sample_ips, peak))
+
+
+def in_fresh_process(what, target, *args):
+    """target(*args, queue) in a new process -> what it puts on the queue. A process that dies first (a bad argument,
+    out of memory) ends bench.py with its exit code, instead of a wait for ever on the queue."""
+    context = mp.get_context("spawn")
+    queue = context.Queue()
+    child = context.Process(target=target, args=(*args, queue))
+    child.start()
+    while True:
+        exited = child.exitcode is not None  # read before the get: what it put before exiting is in the queue by then
+        try:
+            result = queue.get(timeout=1)
+            break
+        except queues.Empty:
+            if exited:
+                sys.exit(f"bench.py: the process measuring {what} died with exit code {child.exitcode}")
+    child.join()
+    return result
+
+
+def names(known):
+    """An argparse type: comma-separated names, each one of `known`, so that a typo fails before any measurement."""
+    def parse(text):
+        unknown = [name for name in text.split(",") if name not in known]
+        if unknown:
+            raise argparse.ArgumentTypeError(f"unknown {', '.join(unknown)}: choose from {', '.join(known)}")
+        return text.split(",")
+    return parse
+
+
+def batch_sizes(text):
+    """An argparse type: comma-separated batch sizes, "256,1024" -> [256, 1024]."""
+    return [positive(int)(size) for size in text.split(",")]
 
 
 def kv_cache_speedup(args, preset, mode, batch=16, diffusion_steps=20):
@@ -150,15 +189,22 @@ def make_parser():
     parser = argparse.ArgumentParser(prog="bench.py", description=__doc__, formatter_class=fid.HelpFormatter,
                                      allow_abbrev=False)
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
-    parser.add_argument("--presets", default="quick,cifar10", help="comma-separated presets of train.py")
-    parser.add_argument("--modes", default=",".join(discon.MODES), help="comma-separated modes")
-    parser.add_argument("--train-batch", type=int, default=32, help="images per timed training step")
-    parser.add_argument("--sample-batch", type=int, default=10, help="images per timed generate call")
-    parser.add_argument("--diffusion-steps", type=int, default=None, help="sampling steps (None: the preset's)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed training steps (median); --against: timed turns")
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch CPU threads")
+    parser.add_argument("--presets", type=names(train.PRESETS), default="quick,cifar10",
+                        help="comma-separated presets of train.py")
+    parser.add_argument("--modes", type=names(discon.MODES), default=",".join(discon.MODES), help="comma-separated modes")
+    parser.add_argument("--train-batch", type=positive(int), default=32, help="images per timed training step")
+    parser.add_argument("--sample-batch", type=batch_sizes, default="10",
+                        help="comma-separated: one sampling column per batch size (e.g. 256,1024,4096)")
+    parser.add_argument("--diffusion-steps", type=positive(int), default=None,
+                        help="sampling steps (default: the preset's)")
+    parser.add_argument("--repeats", type=positive(int, zero=True), default=3,
+                        help="timed training steps (median); --against: timed turns")
+    parser.add_argument("--threads", type=positive(int), default=torch.get_num_threads(), help="torch CPU threads")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast")
     parser.add_argument("--compile", action="store_true", help="torch.compile the training step")
+    parser.add_argument("--deterministic", action="store_true", help="train.py --deterministic's kernels")
+    parser.add_argument("--kv-cache", action=argparse.BooleanOptionalAction, default=True,
+                        help="the table of cached against recomputed generation")
     parser.add_argument("--against", default="", help="a git revision: time sampling against its discon.py")
     parser.add_argument("--fid-images", type=int, default=64, help="images of the Inception rate; 0: no FID rows")
     parser.add_argument("--fid-weights", default=None, help="Inception weights for fid.py (None: its download)")
@@ -169,41 +215,40 @@ def main(argv=None):
     args = fid.parse_flags(make_parser(), argv)
     torch.set_num_threads(args.threads)
     name = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU, {args.threads} thread(s)"
-    print(f"# bench.py on {name}, torch {torch.__version__}, bf16={args.bf16}, compile={args.compile}")
+    print(f"# bench.py on {name}, torch {torch.__version__}, bf16={args.bf16}, compile={args.compile}, "
+          f"deterministic={args.deterministic}")
     steps = args.diffusion_steps or "the preset's"
-    print(f"# train batch {args.train_batch}, sample batch {args.sample_batch} "
+    print(f"# train batch {args.train_batch}, sample batch {','.join(map(str, args.sample_batch))} "
           f"(guidance 2.0, {steps} diffusion steps)\n")
 
-    print("| preset | mode | train img/s | sample img/s | peak memory (MiB) |")
-    print("|---|---|---|---|---|")
-    context = mp.get_context("spawn")
-    for preset in args.presets.split(","):
-        for mode in args.modes.split(","):
-            queue = context.Queue()
-            child = context.Process(target=measure_mode, args=(args, preset, mode, queue))
-            child.start()
-            train_ips, sample_ips, peak = queue.get()
-            child.join()
-            print(f"| {preset} | {mode} | {train_ips:.1f} | {sample_ips:.2f} | {peak:.0f} |", flush=True)
+    columns = [f"sample img/s (batch {batch})" for batch in args.sample_batch]
+    print(f"| preset | mode | train img/s | {' | '.join(columns)} | peak memory (MiB) |")
+    print("|---|---|---|" + "---|" * len(columns) + "---|")
+    for preset in args.presets:
+        for mode in args.modes:
+            train_ips, sample_ips, peak = in_fresh_process(f"{preset}, {mode}", measure_mode, args, preset, mode)
+            rates = " | ".join(f"{rate:.2f}" for rate in sample_ips)
+            print(f"| {preset} | {mode} | {train_ips:.1f} | {rates} | {peak:.0f} |", flush=True)
 
-    print("\n| KV cache, batch 16 | cached (s) | recomputed (s) | speed-up |")
-    print("|---|---|---|---|")
-    for preset in args.presets.split(","):
-        for mode in [m for m in ("discrete", "discon") if m in args.modes.split(",")]:
+    if args.kv_cache:
+        print("\n| KV cache, batch 16 | cached (s) | recomputed (s) | speed-up |")
+        print("|---|---|---|---|")
+    for preset in args.presets if args.kv_cache else []:
+        for mode in [m for m in ("discrete", "discon") if m in args.modes]:
             fast, slow = kv_cache_speedup(args, preset, mode)
             note = " (20 diffusion steps)" if mode == "discon" else ""
             print(f"| {preset}, {mode}{note} | {fast:.2f} | {slow:.2f} | {slow / fast:.1f}x |", flush=True)
 
     if args.against:
         previous = load_previous_discon(args.against)
-        print(f"\n| sampling at generate()'s defaults, batch {args.sample_batch} | guidance | this version (img/s) | "
-              f"{args.against} (img/s, {previous.DisConConfig.diffusion_steps} diffusion steps) | speed-up |\n"
+        print(f"\n| sampling at generate()'s defaults, batch {args.sample_batch[0]} | guidance | this version (img/s) "
+              f"| {args.against} (img/s, {previous.DisConConfig.diffusion_steps} diffusion steps) | speed-up |\n"
               f"|---|---|---|---|---|")
-        for preset in args.presets.split(","):
+        for preset in args.presets:
             steps = train.make_configs(["--preset", preset])[2].diffusion_steps
-            for mode in args.modes.split(","):
+            for mode in args.modes:
                 for guidance, (ours, theirs) in zip((1, 3), sampling_against(args, preset, mode, previous,
-                                                                              args.sample_batch)):
+                                                                              args.sample_batch[0])):
                     print(f"| {preset} ({steps} diffusion steps), {mode} | {guidance} | {ours:.2f} | {theirs:.2f} | "
                           f"{ours / theirs:.2f}x |", flush=True)
 

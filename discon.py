@@ -42,8 +42,11 @@ class TokenizerConfig:
     usage_decay: float = 0.99          # EMA decay of per-code usage counts
 
     def __post_init__(self):
-        levels = math.log2(self.downsample)
-        if self.downsample < 2 or levels != int(levels):
+        check_fields(self, positive=("image_size", "in_channels", "base_channels", "latent_channels", "codebook_size"),
+                     non_negative=("kl_weight", "commitment_weight", "dead_code_threshold"))
+        if not 0 <= self.usage_decay < 1:
+            raise ValueError(f"usage_decay must be in [0, 1), got {self.usage_decay}")
+        if self.downsample < 2 or self.downsample & (self.downsample - 1):  # n & (n - 1) is 0 for powers of 2 only
             raise ValueError(f"downsample must be a power of 2 (4 or 8), got {self.downsample}")
         if self.image_size % self.downsample:
             raise ValueError(f"image_size {self.image_size} is not divisible by downsample {self.downsample}")
@@ -80,9 +83,28 @@ class DisConConfig:
 
     def __post_init__(self):
         if self.mode not in MODES:
-            raise ValueError(f"unknown mode {self.mode!r}: choose one of {', '.join(MODES)}")
+            raise ValueError(f"mode {self.mode!r} is unknown: choose one of {', '.join(MODES)}")
+        check_fields(self, positive=("num_classes", "n_layer", "n_head", "n_embd", "head_width", "head_depth",
+                                     "diffusion_batch_mul", "num_timesteps", "diffusion_steps", "clip_latent"),
+                     non_negative=("guidance", "guidance_continuous"))
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if not 0 <= self.label_drop < 0.5:  # discon mode drops the class, and the whole condition, each at this rate
+            raise ValueError(f"label_drop must be in [0, 0.5), got {self.label_drop}")
+        if self.diffusion_steps > self.num_timesteps:
+            raise ValueError(f"diffusion_steps {self.diffusion_steps} is more than num_timesteps {self.num_timesteps}")
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd {self.n_embd} is not divisible by n_head {self.n_head}")
+
+
+def check_fields(config, positive=(), non_negative=()):
+    """ValueError for the first field of `config` named in `positive` that is not a finite number > 0, or in
+    `non_negative` not one >= 0. Every message of the configs' checks starts with the field's name: train.py turns
+    that name into the flag's (--n_layer, --tokenizer.codebook_size)."""
+    for name in positive + non_negative:
+        value = getattr(config, name)
+        if not (math.isfinite(value) and (value > 0 if name in positive else value >= 0)):
+            raise ValueError(f"{name} must be {'> 0' if name in positive else '>= 0'}, got {value}")
 
 
 def to_uint8(x):
@@ -257,23 +279,36 @@ class Tokenizer(nn.Module):
             terms["perplexity"], terms["usage"] = self.update_usage(d)
         return terms
 
+    # Encoding and decoding run in the weights' precision (float32) even under autocast. Stage 2 without cached
+    # latents encodes inside its bf16 training autocast, where bf16 convolutions gave the quick tokenizer another d at
+    # 1.29% of positions and a c off by 0.005 RMS: other targets than the cached latents, --real-codes and the latent
+    # statistics (all float32). Sampling decodes inside sample.py's autocast, where a bf16 decoder moved 18% of the
+    # pixels by one level or more: GPU samples would not be the images a CPU decodes from the same c.
+
+    def encoder_mean(self, x):
+        """The posterior mean (B, C, h, w) of images x: the continuous view before its normalisation."""
+        with torch.autocast(x.device.type, enabled=False):
+            return self.encoder(x.to(self.codebook.weight.dtype))[:, : self.cfg.latent_channels]
+
     @torch.no_grad()
     def encode(self, x):
         """Images -> (c, d): c the normalised posterior mean (B, C, h, w), d its nearest codes (B, h, w)."""
         self.check_images(x)
-        mean = self.encoder(x)[:, : self.cfg.latent_channels]
+        mean = self.encoder_mean(x)
         _, d, _ = self.quantize(mean)
         c = (mean - self.latent_mean.view(1, -1, 1, 1)) / self.latent_std.view(1, -1, 1, 1)
         return c, d
 
     def decode(self, c):
         """Normalised continuous grid (B, C, h, w) -> images (B, 3, H, W), about [-1, 1]."""
-        z = c * self.latent_std.view(1, -1, 1, 1) + self.latent_mean.view(1, -1, 1, 1)
-        return self.decoder(z)
+        with torch.autocast(c.device.type, enabled=False):
+            z = c.to(self.codebook.weight.dtype) * self.latent_std.view(1, -1, 1, 1)
+            return self.decoder(z + self.latent_mean.view(1, -1, 1, 1))
 
     def decode_codes(self, d):
         """Discrete grid (B, h, w) -> images: the reconstruction from the quantized view."""
-        return self.decoder(self.codebook(d).permute(0, 3, 1, 2))
+        with torch.autocast(d.device.type, enabled=False):
+            return self.decoder(self.codebook(d).permute(0, 3, 1, 2))
 
     @torch.no_grad()
     def fit_latent_stats(self, batches):
@@ -282,7 +317,7 @@ class Tokenizer(nn.Module):
         for x in batches:
             x = x.to(self.latent_mean.device)
             self.check_images(x)
-            mean = self.encoder(x)[:, : self.cfg.latent_channels].double()
+            mean = self.encoder_mean(x).double()
             total = total + mean.sum((0, 2, 3))
             total_sq = total_sq + mean.pow(2).sum((0, 2, 3))
             count += mean.numel() // mean.shape[1]
@@ -300,7 +335,7 @@ class Tokenizer(nn.Module):
         iterable of image batches: a discrete view of another size on the same frozen continuous view. Only c is
         decoded well afterwards (the decoder was trained on the old codes); README's codebook-size sweep uses it."""
         C = self.cfg.latent_channels
-        z = torch.cat([self.encoder(x.to(self.latent_mean.device))[:, :C].permute(0, 2, 3, 1).reshape(-1, C)
+        z = torch.cat([self.encoder_mean(x.to(self.latent_mean.device)).permute(0, 2, 3, 1).reshape(-1, C)
                        for x in batches])                                                   # (M, C)
         if len(z) < codebook_size:
             raise ValueError(f"{len(z)} latent vectors cannot be fitted with {codebook_size} codes; give more images")

@@ -39,10 +39,10 @@ def make_parser():
     p.add_argument("--batch-size", type=positive(int), default=100,
                    help="images per generate call. Batch b is drawn from a seed of (--seed, b), so another batch size "
                         "draws other images: compare runs at the same batch size")
-    p.add_argument("--guidance", type=float, default=None,
+    p.add_argument("--guidance", type=positive(float, zero=True), default=None,
                    help="classifier-free guidance scale of both phases (1 = none), unless --guidance-continuous is "
                         "given (None: the model config's, measured in README.md)")
-    p.add_argument("--guidance-continuous", type=float, default=None,
+    p.add_argument("--guidance-continuous", type=positive(float, zero=True), default=None,
                    help="the guidance scale of the continuous phase alone (discon and continuous modes; None: as "
                         "--guidance, or the model config's)")
     p.add_argument("--temperature", type=positive(float), default=1.0,

@@ -284,7 +284,7 @@ def test_label_dropout_replaces_the_whole_grid_by_null_codes_in_discon_mode_only
 
 
 def test_label_dropout_is_off_in_eval_mode():
-    step = label_dropout_step(tiny_model("discon", label_drop=0.5).eval(), 64)
+    step = label_dropout_step(tiny_model("discon", label_drop=0.45).eval(), 64)
     assert torch.equal(step.y_shown, step.y) and torch.equal(step.d_shown, step.d)
 
 
@@ -531,6 +531,17 @@ def test_vq_indices_under_bf16_autocast_equal_float32_indices():
         rounded = (z.pow(2).sum(1, keepdim=True) - 2 * z @ codes.t() + codes.pow(2).sum(1)).argmin(1)
     assert (rounded != exact).any(), "bf16 distances should pick another code somewhere, or this test shows nothing"
     assert torch.equal(mixed, exact)
+
+
+def test_encode_under_bf16_autocast_equals_the_float32_encode():
+    tok, x = tiny_tokenizer(), images(16)
+    c, d = tok.encode(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed_c, mixed_d = tok.encode(x)
+        rounded = tok.quantize(tok.encoder(x)[:, :tok.cfg.latent_channels])[1]
+    assert (rounded != d).any(), "a bf16 encoder should give another code somewhere, or this test shows nothing"
+    assert torch.equal(mixed_d, d) and mixed_c.dtype == torch.float32
+    torch.testing.assert_close(mixed_c, c)
 
 
 def test_vq_straight_through_passes_the_decoder_gradient_to_the_encoder():
@@ -796,6 +807,18 @@ def test_generate_works_under_bf16_autocast():
     assert out.dtype == torch.uint8 and out.shape == (2, 3, 16, 16) and torch.isfinite(loss)
 
 
+def test_generate_under_bf16_autocast_decodes_its_latents_in_float32():
+    model = tiny_model("discon")
+    decoded = spy(model.tokenizer, "decode")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model.generate(torch.arange(8), guidance=2.0, generator=torch.Generator().manual_seed(0))
+        rounded = discon.to_uint8(model.tokenizer.decoder(decoded[0]["c"]))  # latent statistics 0 and 1: unfitted
+    del model.tokenizer.decode
+    expected = discon.to_uint8(model.tokenizer.decode(decoded[0]["c"]))  # outside autocast: float32
+    assert not torch.equal(rounded, expected), "a bf16 decoder should move some pixel, or this test shows nothing"
+    assert torch.equal(out, expected)
+
+
 def embed_calls(model, y, **generate_kwargs):
     """The arguments of every embed call while `model` generates for labels y (2 diffusion steps, seeded)."""
     calls = spy(model, "embed")
@@ -865,12 +888,36 @@ def test_mismatched_c_and_d_grids_are_rejected():
 
 
 def test_unknown_mode_and_bad_configs_are_rejected():
-    with pytest.raises(ValueError, match="unknown mode 'mar': choose one of discon, continuous, discrete"):
+    with pytest.raises(ValueError, match="mode 'mar' is unknown: choose one of discon, continuous, discrete"):
         DisConConfig(mode="mar")
     with pytest.raises(ValueError, match="downsample must be a power of 2"):
         TokenizerConfig(downsample=6)
     with pytest.raises(ValueError, match="not divisible"):
         TokenizerConfig(image_size=30, downsample=4)
+
+
+@pytest.mark.parametrize("config, field, value, message", [
+    *[(TokenizerConfig, field, value, f"{field} must be > 0, got {value}") for field, value in [
+        ("image_size", 0), ("in_channels", 0), ("base_channels", -8), ("latent_channels", 0), ("codebook_size", 0)]],
+    *[(TokenizerConfig, field, value, f"{field} must be >= 0, got {value}") for field, value in [
+        ("kl_weight", -1.0), ("commitment_weight", float("nan")), ("dead_code_threshold", -0.1)]],
+    (TokenizerConfig, "usage_decay", 1.0, "usage_decay must be in [0, 1), got 1.0"),
+    (TokenizerConfig, "downsample", 0, "downsample must be a power of 2 (4 or 8), got 0"),
+    *[(DisConConfig, field, value, f"{field} must be > 0, got {value}") for field, value in [
+        ("num_classes", 0), ("n_layer", 0), ("n_head", 0), ("n_embd", -4), ("head_width", 0), ("head_depth", 0),
+        ("diffusion_batch_mul", 0), ("num_timesteps", 0), ("diffusion_steps", 0), ("clip_latent", 0.0),
+        ("clip_latent", float("nan"))]],
+    *[(DisConConfig, field, -1.0, f"{field} must be >= 0, got -1.0") for field in ["guidance", "guidance_continuous"]],
+    (DisConConfig, "dropout", 1.0, "dropout must be in [0, 1), got 1.0"),
+    (DisConConfig, "label_drop", 0.5, "label_drop must be in [0, 0.5), got 0.5"),
+    (DisConConfig, "label_drop", -0.1, "label_drop must be in [0, 0.5), got -0.1"),
+    (DisConConfig, "diffusion_steps", 1001, "diffusion_steps 1001 is more than num_timesteps 1000"),
+])
+def test_config_fields_out_of_range_are_rejected_naming_the_field(config, field, value, message):
+    config(**{field: config.__dataclass_fields__[field].default})  # the default is in range
+    with pytest.raises(ValueError) as e:
+        config(**{field: value})
+    assert str(e.value).startswith(message)  # from the field's name on: train.py prefixes its flag
 
 
 # ======================================================================================================================
@@ -1508,6 +1555,23 @@ def test_resume_after_a_kill_ends_with_the_same_weights(stage, tmp_path, monkeyp
     assert steps == [(1, 1), (1, 2), (1, 3), (1, 4), (2, 1), (2, 2), (2, 3), (2, 4)]  # step 3 logged once
 
 
+def test_deterministic_flag_turns_on_deterministic_kernels_and_changes_nothing_on_cpu(tmp_path, trained, monkeypatch,
+                                                                                      fast_shapes):
+    monkeypatch.setitem(os.environ, "CUBLAS_WORKSPACE_CONFIG", "")
+    monkeypatch.delitem(os.environ, "CUBLAS_WORKSPACE_CONFIG")  # unset for the run, as it was before it afterwards
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", False)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)
+    try:
+        train.main(TINY + ["--stage", "2", "--tokenizer", str(trained / "tokenizer.pt"), "--out_dir", str(tmp_path),
+                           "--deterministic"])
+        assert torch.are_deterministic_algorithms_enabled() and torch.is_deterministic_algorithms_warn_only_enabled()
+        assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert_same_weights(load(tmp_path / "model.pt")["model"], load(trained / "model.pt")["model"])
+
+
 def test_interrupted_checkpoint_write_leaves_the_previous_one(tmp_path, monkeypatch, fast_shapes):
     args = TINY + ["--out_dir", str(tmp_path), "--stage", "1"]
     train.main(args + ["--tokenizer_steps", "2"])
@@ -1717,6 +1781,12 @@ def bad_files(trained, tmp_path):
     fake_cifar_batches(tmp_path / "cifar" / "cifar-10-batches-py")
     os.remove(tmp_path / "cifar" / "cifar-10-batches-py" / "data_batch_3")  # an extraction that was killed
     fake_cifar_batches(tmp_path / "labels" / "cifar-10-batches-py", labels=12)  # a foreign file with 12 classes
+    retrained = load(trained / "tokenizer.pt")  # the same config, other weights: a retrained tokenizer
+    retrained["ema"]["decoder.net.0.bias"] += 0.01
+    torch.save(retrained, tmp_path / "retrained_tokenizer.pt")
+    (tmp_path / "retrained").mkdir()  # a run whose tokenizer.pt was retrained after its stage 2
+    shutil.copy(trained / "model.pt", tmp_path / "retrained")
+    torch.save(retrained, tmp_path / "retrained" / "tokenizer.pt")
     return tmp_path
 
 
@@ -1728,6 +1798,18 @@ def bad_files(trained, tmp_path):
         ("--log_every", "0"), ("--ckpt_every", "-5"), ("--sample_every", "0"), ("--model_lr", "0"),
         ("--tokenizer_lr", "nan")]],
     ("train", ["--seed", "-1"], "argument --seed: must be >= 0"),
+    *[("train", [flag, value], f"{flag} must be {requirement}, got {value}") for flag, value, requirement in [
+        ("--diffusion_steps", "0", "> 0"), ("--n_layer", "0", "> 0"), ("--n_head", "-2", "> 0"),
+        ("--head_width", "0", "> 0"), ("--head_depth", "0", "> 0"), ("--diffusion_batch_mul", "0", "> 0"),
+        ("--num_timesteps", "0", "> 0"), ("--clip_latent", "0.0", "> 0"), ("--guidance", "-1.0", ">= 0"),
+        ("--guidance_continuous", "nan", ">= 0"), ("--label_drop", "0.5", "in [0, 0.5)"),
+        ("--dropout", "1.0", "in [0, 1)"), ("--tokenizer.codebook_size", "0", "> 0"),
+        ("--tokenizer.latent_channels", "0", "> 0"), ("--tokenizer.base_channels", "0", "> 0"),
+        ("--tokenizer.image_size", "-32", "> 0"), ("--tokenizer.kl_weight", "-1.0", ">= 0"),
+        ("--tokenizer.usage_decay", "1.0", "in [0, 1)")]],
+    ("train", ["--diffusion_steps", "2000"], "--diffusion_steps 2000 is more than num_timesteps 1000"),
+    ("train", ["--tokenizer.downsample", "3"], "--tokenizer.downsample must be a power of 2"),
+    ("train", ["--tokenizer.in_channels", "1"], "argument --tokenizer.in_channels: invalid choice: 1"),
     ("train", ["--batch_size", "eight"], "argument --batch_size: invalid int value"),
     ("train", ["--dataset", "folder", "--data_dir", "/no/such/dir"], "not a directory"),
     ("train", ["--dataset", "folder", "--data_dir", "{tmp}/hidden"], "no images"),
@@ -1741,12 +1823,17 @@ def bad_files(trained, tmp_path):
     ("train", ["--out_dir", "{tmp}/a_file"], "cannot write into {tmp}/a_file"),
     ("train", ["--resume", "--n_layer", "2"], "another model config"),
     ("train", ["--resume", "--model_steps", "8", "--tokenizer_steps", "2"], "pass --tokenizer_steps 4 or more"),
+    ("train", ["--stage", "2", "--resume", "--tokenizer", "{tmp}/retrained_tokenizer.pt"],
+     "{tmp}/run/model.pt was trained on other tokenizer weights than {tmp}/retrained_tokenizer.pt holds now"),
+    ("train", ["--resume", "--out_dir", "{tmp}/retrained"],
+     "{tmp}/retrained/model.pt was trained on other tokenizer weights than {tmp}/retrained/tokenizer.pt holds now"),
     ("sample", ["{tmp}/run/log.jsonl"], "cannot read {tmp}/run/log.jsonl"),
     ("sample", ["{tmp}/truncated.pt"], "cannot read {tmp}/truncated.pt"),
     ("sample", ["{tmp}/run/model.pt", "--num-images", "15"], "not divisible"),
     *[("sample", ["{tmp}/run/model.pt", flag, value], f"argument {flag}: must be > 0") for flag, value in [
         ("--num-images", "0"), ("--batch-size", "0"), ("--temperature", "0"), ("--diffusion-steps", "0")]],
-    ("sample", ["{tmp}/run/model.pt", "--top-k", "-1"], "argument --top-k: must be >= 0"),
+    *[("sample", ["{tmp}/run/model.pt", flag, "-1"], f"argument {flag}: must be >= 0") for flag in [
+        "--top-k", "--guidance", "--guidance-continuous"]],
     ("sample", ["{tmp}/run/model.pt", "--diffusion-steps", "1001"], "--diffusion-steps 1001 is more than"),
     ("sample", ["{tmp}/run/model.pt", "--out", "{tmp}/a_file"], "cannot write into {tmp}/a_file"),
     ("sample", ["{tmp}/run/model.pt", "--fid-ref", "{tmp}/no_stats.npz"], "--fid-ref {tmp}/no_stats.npz"),
@@ -1771,7 +1858,6 @@ def test_bad_input_exits_with_a_clear_message(script, argv, message, bad_files, 
     assert not os.path.exists("/no/such/dir")
 
 
-# ======================================================================================================================
 # README and the command lines: every flag has help text and reads alike with dashes or underscores, README's
 # commands name only flags that exist, and its Python snippet and exercise script run.
 
@@ -1897,3 +1983,23 @@ def test_readme_exercise_script_blanks_only_the_named_functions(tmp_path):
     assert student.cosine_betas.__doc__ == discon.cosine_betas.__doc__
     t = torch.arange(3)
     torch.testing.assert_close(student.timestep_embedding(t, 8), discon.timestep_embedding(t, 8))  # left as it was
+=======
+@pytest.mark.parametrize("argv, message", [
+    (["--presets", "foo"], "argument --presets: unknown foo: choose from quick, cifar10, imagenet64"),
+    (["--modes", "discon,mar"], "argument --modes: unknown mar: choose from discon, continuous, discrete"),
+])
+def test_bench_with_an_unknown_preset_or_mode_exits_with_the_argument_error(argv, message):
+    # It used to hang: the measuring process exited on the error while bench.py waited for its result.
+    result = subprocess.run([sys.executable, os.path.join(REPO, "bench.py"), *argv], env=ENV, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 2 and message in result.stderr
+
+
+def test_bench_stops_when_a_measuring_process_dies():
+    dies = "import bench; bench.in_fresh_process('quick, discon', bench.measure_mode, None, 'quick', 'discon')"
+    result = subprocess.run([sys.executable, "-c", dies], cwd=REPO, env=ENV, capture_output=True, text=True,
+                            timeout=60)  # measure_mode fails on its first line without args; a hang fails here
+    assert result.returncode == 1 and "the process measuring quick, discon died with exit code 1" in result.stderr
+
+
+# ===============================================================================================================

@@ -78,10 +78,12 @@ class TrainConfig:
                                   # imagenet64 turns it off: ~40 GB)
     refit_codebook: int = 0       # stage 2: first replace the tokenizer's codebook by this many k-means centres of its
                                   # encoder's latents (README: how much should d say); 0 keeps it
+    deterministic: bool = False   # CUDA: deterministic kernels where torch has them, so that a resumed run ends as an
+                                  # uninterrupted one there too (README); CPU runs are deterministic without it
 
 
 CHOICES = {"dataset": ("shapes", "cifar10", "imagenet64", "folder"), "stage": ("1", "2", "both"),
-           "schedule": ("cosine", "constant"), "mode": discon.MODES}
+           "schedule": ("cosine", "constant"), "mode": discon.MODES, "tokenizer.in_channels": (3,)}  # data are RGB
 POSITIVE = {"batch_size", "grad_accum", "tokenizer_steps", "tokenizer_lr", "model_steps", "model_lr", "log_every",
             "sample_every", "ckpt_every"}
 NON_NEGATIVE = {"seed", "warmup", "weight_decay", "grad_clip"}
@@ -197,14 +199,26 @@ def make_configs(argv=None):
     args = parse_flags(parser, argv)
     for name, (cfg, f) in flags.items():
         setattr(cfg, f.name, getattr(args, name))
-    try:  # rebuilt so that the configs' own checks (__post_init__) see the final values
-        return train_cfg, discon.TokenizerConfig(**asdict(tok_cfg)), discon.DisConConfig(**asdict(model_cfg))
-    except ValueError as e:
-        parser.error(str(e))
+
+    def rebuilt(config, flag_prefix):  # so that the config's own checks (__post_init__) see the final values; each
+        try:                            # of their messages starts with a field's name, here turned into its flag
+            return type(config)(**asdict(config))
+        except ValueError as e:
+            parser.error(flag_prefix + str(e))
+    return train_cfg, rebuilt(tok_cfg, "--tokenizer."), rebuilt(model_cfg, "--")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Processes: one script for CPU, one GPU and torchrun; every collective is guarded, rank 0 alone prints and writes.
+
+def make_deterministic():
+    """--deterministic: torch's deterministic kernels where it has them (on CUDA, embedding and attention backward
+    otherwise add in a varying order); an op without one warns, naming itself, instead of stopping the run. cuBLAS
+    reads its workspace setting when it starts, so this runs before anything touches the GPU."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # one of the two settings cuBLAS documents for this
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+
 
 def setup_distributed():
     """-> (rank, local_rank, world_size, device). A plain `python` run is rank 0 of 1 and never calls a collective."""
@@ -285,6 +299,25 @@ def load_tokenizer(path):
         fail(f"no tokenizer checkpoint at {path}: run stage 1 first or pass --tokenizer PATH")
     ckpt = load_checkpoint(path, stage=1)
     return ckpt if ckpt["finished"] else fail(f"{path} is unfinished: finish stage 1 with --stage 1 --resume")
+
+
+def tokenizer_path(tokenizer, out_dir):
+    """The stage-1 checkpoint that stage 2 builds on: --tokenizer, else tokenizer.pt in --out_dir."""
+    return tokenizer or os.path.join(out_dir, "tokenizer.pt")
+
+
+def check_same_tokenizer(model, ckpt, path, train_cfg):
+    """Stop a resumed stage 2 whose tokenizer (as main() built it) has other weights than the one in its checkpoint
+    `path`: the configs may match while tokenizer.pt was retrained, or another --tokenizer was passed. Resuming would
+    silently go on with the old tokenizer, stored in the checkpoint."""
+    saved = {k.removeprefix("tokenizer."): v for k, v in ckpt["model"].items() if k.startswith("tokenizer.")}
+    now = model.tokenizer.state_dict()
+    if now.keys() != saved.keys() or not all(torch.equal(now[k].cpu(), saved[k]) for k in saved):
+        tok_path = tokenizer_path(train_cfg.tokenizer, train_cfg.out_dir)
+        trained_on = tokenizer_path(ckpt["config"]["train"]["tokenizer"], ckpt["config"]["train"]["out_dir"])
+        fail(f"{path} was trained on other tokenizer weights than {tok_path} holds now (retrained, or another "
+             f"--tokenizer): resume with the tokenizer it was trained on (its config names {trained_on}), or leave out "
+             f"--resume to train stage 2 anew on {tok_path}")
 
 
 def trim_log(path, stage, step):
@@ -658,6 +691,8 @@ def train_stage(stage, model, data, train_cfg, config, rank, world, device):
             diff = {k: (saved.get(k), v) for k, v in config[part].items() if saved.get(k) != v}
             if diff:
                 fail(f"{path} was made with another {part} config, field: (checkpoint, now): {diff}")
+        if stage == 2:
+            check_same_tokenizer(model, ckpt, path, train_cfg)
         if ckpt["step"] > steps:
             fail(f"{path} is at step {ckpt['step']}, beyond --{name}_steps {steps}: pass --{name}_steps {ckpt['step']} "
                  f"or more to continue it, or leave out --resume to start again")
@@ -744,6 +779,8 @@ def train_stage(stage, model, data, train_cfg, config, rank, world, device):
 
 def main(argv=None):
     train_cfg, tok_cfg, model_cfg = make_configs(argv)
+    if train_cfg.deterministic:
+        make_deterministic()
     rank, local_rank, world, device = setup_distributed()
     try:
         if train_cfg.batch_size % (world * train_cfg.grad_accum):
@@ -751,7 +788,7 @@ def main(argv=None):
                  f"{world * train_cfg.grad_accum}")
         if train_cfg.tokenizer and train_cfg.stage != "2":
             fail("--tokenizer starts stage 2 from an existing tokenizer: use it with --stage 2")
-        tok_path = train_cfg.tokenizer or os.path.join(train_cfg.out_dir, "tokenizer.pt")
+        tok_path = tokenizer_path(train_cfg.tokenizer, train_cfg.out_dir)
         if train_cfg.stage == "2":  # the tokenizer checkpoint defines the tokenizer config (and so the image size)
             tok_cfg = discon.TokenizerConfig(**load_tokenizer(tok_path)["config"]["tokenizer"])
         if rank == 0:
