@@ -123,7 +123,7 @@ def _distributed():
 
 
 class ResBlock(nn.Module):
-    """x + conv(silu(conv(silu(x)))), without normalisation: see Tokenizer.__init__ for why."""
+    """x + conv(silu(conv(silu(x)))), without LDM's GroupNorm: see Tokenizer.__init__ for why."""
 
     def __init__(self, ch_in, ch_out):
         super().__init__()
@@ -194,7 +194,7 @@ class Tokenizer(nn.Module):
         # and PyTorch's default conv init shrinks the variance of every layer by 3, so the linear skip paths that could
         # carry colour fade through the encoder's dozen layers: the quick tokenizer reconstructed grey for 1200 of its
         # 1500 steps. Without normalisation (as VQ-VAE's encoder and decoder, van den Oord et al. 2017) and with a
-        # variance-preserving init (std 1/sqrt(fan_in)) it learns colour within 100 steps (README.md, "Why the
+        # variance-preserving init (std 1/sqrt(fan_in)) it learns colour within 100 steps (docs/experiments.md, "Why the
         # tokenizer was grey").
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
