@@ -1858,6 +1858,25 @@ def test_bad_input_exits_with_a_clear_message(script, argv, message, bad_files, 
     assert not os.path.exists("/no/such/dir")
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["--presets", "foo"], "argument --presets: unknown foo: choose from quick, cifar10, imagenet64"),
+    (["--modes", "discon,mar"], "argument --modes: unknown mar: choose from discon, continuous, discrete"),
+])
+def test_bench_with_an_unknown_preset_or_mode_exits_with_the_argument_error(argv, message):
+    # It used to hang: the measuring process exited on the error while bench.py waited for its result.
+    result = subprocess.run([sys.executable, os.path.join(REPO, "bench.py"), *argv], env=ENV, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 2 and message in result.stderr
+
+
+def test_bench_stops_when_a_measuring_process_dies():
+    dies = "import bench; bench.in_fresh_process('quick, discon', bench.measure_mode, None, 'quick', 'discon')"
+    result = subprocess.run([sys.executable, "-c", dies], cwd=REPO, env=ENV, capture_output=True, text=True,
+                            timeout=60)  # measure_mode fails on its first line without args; a hang fails here
+    assert result.returncode == 1 and "the process measuring quick, discon died with exit code 1" in result.stderr
+
+
+# ======================================================================================================================
 # README and the command lines: every flag has help text and reads alike with dashes or underscores, README's
 # commands name only flags that exist, and its Python snippet and exercise script run.
 
@@ -1983,23 +2002,3 @@ def test_readme_exercise_script_blanks_only_the_named_functions(tmp_path):
     assert student.cosine_betas.__doc__ == discon.cosine_betas.__doc__
     t = torch.arange(3)
     torch.testing.assert_close(student.timestep_embedding(t, 8), discon.timestep_embedding(t, 8))  # left as it was
-=======
-@pytest.mark.parametrize("argv, message", [
-    (["--presets", "foo"], "argument --presets: unknown foo: choose from quick, cifar10, imagenet64"),
-    (["--modes", "discon,mar"], "argument --modes: unknown mar: choose from discon, continuous, discrete"),
-])
-def test_bench_with_an_unknown_preset_or_mode_exits_with_the_argument_error(argv, message):
-    # It used to hang: the measuring process exited on the error while bench.py waited for its result.
-    result = subprocess.run([sys.executable, os.path.join(REPO, "bench.py"), *argv], env=ENV, capture_output=True,
-                            text=True, timeout=60)
-    assert result.returncode == 2 and message in result.stderr
-
-
-def test_bench_stops_when_a_measuring_process_dies():
-    dies = "import bench; bench.in_fresh_process('quick, discon', bench.measure_mode, None, 'quick', 'discon')"
-    result = subprocess.run([sys.executable, "-c", dies], cwd=REPO, env=ENV, capture_output=True, text=True,
-                            timeout=60)  # measure_mode fails on its first line without args; a hang fails here
-    assert result.returncode == 1 and "the process measuring quick, discon died with exit code 1" in result.stderr
-
-
-# ===============================================================================================================
