@@ -176,7 +176,7 @@ class Decoder(nn.Module):
 def nearest_code(z, codes):
     """Index of the nearest code (K, C) for each row of z (M, C). The distances are computed in float32 even under
     autocast: rounded to bf16 they can make argmin pick a farther code, and training would then see other codes than
-    encode() (run outside autocast) gives at sampling."""
+    encode() (float32 wherever it runs) gives at sampling."""
     with torch.autocast(z.device.type, enabled=False):
         z, codes = z.float(), codes.float()
         return (z.pow(2).sum(1, keepdim=True) - 2 * z @ codes.t() + codes.pow(2).sum(1)).argmin(1)   # (M,)
@@ -280,8 +280,8 @@ class Tokenizer(nn.Module):
         return terms
 
     # Encoding and decoding run in the weights' precision (float32) even under autocast. Stage 2 without cached
-    # latents encodes inside its bf16 training autocast, where bf16 convolutions gave the quick tokenizer another d at
-    # 1.29% of positions and a c off by 0.005 RMS: other targets than the cached latents, --real-codes and the latent
+    # latents encodes inside its bf16 training autocast, where bf16 convolutions gave the quick tokenizer of git c461fb2
+    # (with GroupNorm) another d at 1.29% of positions and a c off by 0.005 RMS: other targets than the cached latents, --real-codes and the latent
     # statistics (all float32). Sampling decodes inside sample.py's autocast, where a bf16 decoder moved 18% of the
     # pixels by one level or more: GPU samples would not be the images a CPU decodes from the same c.
 
@@ -786,19 +786,22 @@ class DisCon(nn.Module):
     def sample_latent(self, z, guidance, temperature, steps, generator):
         """One continuous token per image: the head's reverse chain conditioned on z (B, D), or with guidance (2B, D)."""
         head = self.diffusion_head
-        z_embedded = head.cond_embed(z)  # the part of the head's condition that is fixed for the chain: once
+        dtype = self.class_embed.weight.dtype
+        # The chain, the head's eps included, runs in the weights' precision even under autocast: at large t the step
+        # multiplies eps by up to 1 / sqrt(abar) (about 2e4 at t = 999), which would magnify bf16 rounding.
+        with torch.autocast(z.device.type, enabled=False):
+            z_embedded = head.cond_embed(z.to(dtype))  # the part of the head's condition fixed for the chain: once
 
-        def eps_fn(x_t, t):  # one head call per diffusion step for the whole batch (both halves when guided)
-            cond = head.embed_time(t[:1]) + z_embedded  # every row is at the same timestep
-            if guidance == 1:
-                return head.predict(x_t, cond)
-            return classifier_free_guidance(*head.predict(torch.cat([x_t, x_t]), cond).chunk(2), guidance)
+            def eps_fn(x_t, t):  # one head call per diffusion step for the whole batch (both halves when guided)
+                cond = head.embed_time(t[:1]) + z_embedded  # every row is at the same timestep
+                if guidance == 1:
+                    return head.predict(x_t, cond)
+                return classifier_free_guidance(*head.predict(torch.cat([x_t, x_t]), cond).chunk(2), guidance)
 
-        shape = (len(z) // 2 if guidance != 1 else len(z), self.tokenizer.cfg.latent_channels)
-        steps = self.cfg.diffusion_steps if steps is None else steps
-        dtype = self.class_embed.weight.dtype  # the chain runs in the weights' precision, even under autocast
-        return self.diffusion.sample(eps_fn, shape, steps, temperature, generator, z.device, dtype,
-                                     clip_x0=self.cfg.clip_latent)
+            shape = (len(z) // 2 if guidance != 1 else len(z), self.tokenizer.cfg.latent_channels)
+            steps = self.cfg.diffusion_steps if steps is None else steps
+            return self.diffusion.sample(eps_fn, shape, steps, temperature, generator, z.device, dtype,
+                                         clip_x0=self.cfg.clip_latent)
 
 
 def build_model(tokenizer_config, model_config):

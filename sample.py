@@ -86,7 +86,7 @@ def generate(args, rank, world, device):
     if ckpt["stage"] == 1:
         return reconstruct(args, ckpt, out, device) if rank == 0 else None
     model = discon.build_model(ckpt["config"]["tokenizer"], ckpt["config"]["model"])
-    model.load_state_dict(ckpt["model" if args.no_ema else "ema"])
+    train.load_weights(model, ckpt["model" if args.no_ema else "ema"], args.checkpoint)
     model.to(device).eval()
     num_classes = model.cfg.num_classes
     if args.diffusion_steps and args.diffusion_steps > model.cfg.num_timesteps:
@@ -195,7 +195,7 @@ def fid_or_fail(args, images, device):
 def reconstruct(args, ckpt, out, device):
     """Stage 1: --num-images training images through decode(c) and decode_codes(d), and their rFID."""
     tokenizer = discon.Tokenizer(discon.TokenizerConfig(**ckpt["config"]["tokenizer"]))
-    tokenizer.load_state_dict(ckpt["model" if args.no_ema else "ema"])
+    train.load_weights(tokenizer, ckpt["model" if args.no_ema else "ema"], args.checkpoint)
     tokenizer.to(device).eval()
     originals, labels = training_images(ckpt, args.num_images)
     views = {"continuous": [], "discrete": []}

@@ -1572,6 +1572,20 @@ def test_deterministic_flag_turns_on_deterministic_kernels_and_changes_nothing_o
     assert_same_weights(load(tmp_path / "model.pt")["model"], load(trained / "model.pt")["model"])
 
 
+def test_a_checkpoint_of_an_earlier_version_fails_in_one_line(tmp_path, trained, fast_shapes):
+    # A tokenizer of git c461fb2 and before had GroupNorm weights that this version's tokenizer has no place for.
+    old = load(trained / "tokenizer.pt")
+    old["ema"]["encoder.net.1.norm1.weight"] = torch.ones(16)
+    torch.save(old, tmp_path / "tokenizer.pt")
+    for run in (lambda: sample.main([str(tmp_path / "tokenizer.pt"), "--num-images", "2"]),
+                lambda: train.main(TINY + ["--stage", "2", "--tokenizer", str(tmp_path / "tokenizer.pt"),
+                                           "--out_dir", str(tmp_path / "run")])):
+        with pytest.raises(SystemExit) as e:
+            run()
+        assert "does not fit the model this version of the code builds" in str(e.value.code)
+        assert "encoder.net.1.norm1.weight" in str(e.value.code) and "train it again" in str(e.value.code)
+
+
 def test_interrupted_checkpoint_write_leaves_the_previous_one(tmp_path, monkeypatch, fast_shapes):
     args = TINY + ["--out_dir", str(tmp_path), "--stage", "1"]
     train.main(args + ["--tokenizer_steps", "2"])

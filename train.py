@@ -218,6 +218,13 @@ def make_deterministic():
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # one of the two settings cuBLAS documents for this
     torch.use_deterministic_algorithms(True, warn_only=True)
     torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    if torch.cuda.is_available():
+        # With warn_only, CUDA's flash and memory-efficient attention backwards only warn and stay non-deterministic:
+        # use the math backend of scaled_dot_product_attention, deterministic and slower. (The CPU kernels already are.)
+        torch.backends.cuda.enable_flash_sdp(False)
+        torch.backends.cuda.enable_mem_efficient_sdp(False)
+        if hasattr(torch.backends.cuda, "enable_cudnn_sdp"):  # torch >= 2.3
+            torch.backends.cuda.enable_cudnn_sdp(False)
 
 
 def setup_distributed():
@@ -227,6 +234,9 @@ def setup_distributed():
     device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
+        # cuDNN runs float32 convolutions in TF32 by default: the tokenizer, which encodes and decodes in float32 even
+        # under autocast, would then see other numbers on a GPU than on a CPU. bf16 convolutions are not affected.
+        torch.backends.cudnn.allow_tf32 = False
     if world > 1:
         # A long timeout because the one-time ImageNet-64 conversion runs while the other processes wait in a barrier.
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(hours=1))
@@ -291,6 +301,17 @@ def load_checkpoint(path, stage=None):
     if not isinstance(ckpt, dict) or ckpt.get("stage") not in ((stage,) if stage else (1, 2)) or "config" not in ckpt:
         fail(f"{path} is not {({1: 'a tokenizer.pt', 2: 'a model.pt'}).get(stage, 'a checkpoint')} of train.py")
     return ckpt
+
+
+def load_weights(module, state, path):
+    """module.load_state_dict(state), or fail() in one line: a checkpoint of an earlier version of this code (before the
+    tokenizer lost its GroupNorm, say) has other weights than the module this version builds from its config."""
+    try:
+        module.load_state_dict(state)
+    except RuntimeError as e:
+        first = str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else str(e)
+        fail(f"{path} does not fit the model this version of the code builds ({first}); it was probably written by "
+             f"an earlier version: train it again")
 
 
 def load_tokenizer(path):
@@ -699,8 +720,8 @@ def train_stage(stage, model, data, train_cfg, config, rank, world, device):
         if ckpt["finished"] and ckpt["step"] == steps:
             print0(f"stage {stage} already finished in {path}")
             return
-        model.load_state_dict(ckpt["model"])
-        ema.load_state_dict(ckpt["ema"])
+        load_weights(model, ckpt["model"], path)
+        load_weights(ema, ckpt["ema"], path)
         optimizer.load_state_dict(ckpt["optimizer"])
         step, position = ckpt["step"], (ckpt["data"]["epoch"], ckpt["data"]["index"])
         print0(f"stage {stage}: resuming from {path} at step {step}")
@@ -809,7 +830,7 @@ def main(argv=None):
             train_stage(1, discon.Tokenizer(tok_cfg), data, train_cfg, config, rank, world, device)
         if train_cfg.stage in ("2", "both"):
             tokenizer = discon.Tokenizer(tok_cfg)
-            tokenizer.load_state_dict(load_tokenizer(tok_path)["ema"])
+            load_weights(tokenizer, load_tokenizer(tok_path)["ema"], tok_path)
             if train_cfg.refit_codebook:
                 subset = balanced_subset(data[1], 5000, train_cfg.seed)
                 generator = torch.Generator().manual_seed(train_cfg.seed)
