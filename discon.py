@@ -190,9 +190,9 @@ class Tokenizer(nn.Module):
         self.cfg = cfg
         self.encoder = Encoder(cfg)
         self.decoder = Decoder(cfg)
-        # Colour is a per-image offset of the feature maps. GroupNorm (LDM's autoencoder) subtracts exactly such offsets,
-        # and PyTorch's default conv init shrinks the variance of every layer by 3, so the linear skip paths that could
-        # carry colour fade through the encoder's dozen layers: the quick tokenizer reconstructed grey for 1200 of its
+        # Colour is a per-image offset of the feature maps. GroupNorm (LDM's autoencoder) subtracts such offsets, and
+        # PyTorch's default conv init shrinks the variance of every layer by 3, so the linear skip paths that could
+        # carry colour fade through the encoder's dozen layers: the quick tokenizer reconstructed grey for 1250 of its
         # 1500 steps. Without normalisation (as VQ-VAE's encoder and decoder, van den Oord et al. 2017) and with a
         # variance-preserving init (std 1/sqrt(fan_in)) it learns colour within 100 steps (docs/experiments.md, "Why the
         # tokenizer was grey").
@@ -281,8 +281,8 @@ class Tokenizer(nn.Module):
 
     # Encoding and decoding run in the weights' precision (float32) even under autocast. Stage 2 without cached
     # latents encodes inside its bf16 training autocast, where bf16 convolutions gave the quick tokenizer of git c461fb2
-    # (with GroupNorm) another d at 1.29% of positions and a c off by 0.005 RMS: other targets than the cached latents, --real-codes and the latent
-    # statistics (all float32). Sampling decodes inside sample.py's autocast, where a bf16 decoder moved 18% of the
+    # (with GroupNorm) another d at 1.29% of positions and a c off by 0.005 RMS: other targets than the cached latents,
+    # --real-codes and the latent statistics (all float32). Sampling decodes inside sample.py's autocast, where a bf16 decoder moved 18% of the
     # pixels by one level or more: GPU samples would not be the images a CPU decodes from the same c.
 
     def encoder_mean(self, x):

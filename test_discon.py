@@ -1817,7 +1817,7 @@ def bad_files(trained, tmp_path):
         ("--head_width", "0", "> 0"), ("--head_depth", "0", "> 0"), ("--diffusion_batch_mul", "0", "> 0"),
         ("--num_timesteps", "0", "> 0"), ("--clip_latent", "0.0", "> 0"), ("--guidance", "-1.0", ">= 0"),
         ("--guidance_continuous", "nan", ">= 0"), ("--label_drop", "0.5", "in [0, 0.5)"),
-        ("--dropout", "1.0", "in [0, 1)"), ("--tokenizer.codebook_size", "0", "> 0"),
+        ("--dropout", "1.0", "in [0, 1)"), ("--beta2", "1.0", "in [0, 1)"), ("--tokenizer.codebook_size", "0", "> 0"),
         ("--tokenizer.latent_channels", "0", "> 0"), ("--tokenizer.base_channels", "0", "> 0"),
         ("--tokenizer.image_size", "-32", "> 0"), ("--tokenizer.kl_weight", "-1.0", ">= 0"),
         ("--tokenizer.usage_decay", "1.0", "in [0, 1)")]],

@@ -205,6 +205,8 @@ def make_configs(argv=None):
             return type(config)(**asdict(config))
         except ValueError as e:
             parser.error(flag_prefix + str(e))
+    if not 0 <= train_cfg.beta2 < 1:  # the one TrainConfig field that POSITIVE and NON_NEGATIVE cannot bound
+        parser.error(f"--beta2 must be in [0, 1), got {train_cfg.beta2}")
     return train_cfg, rebuilt(tok_cfg, "--tokenizer."), rebuilt(model_cfg, "--")
 
 
