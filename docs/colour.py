@@ -1,4 +1,4 @@
-"""Where a tokenizer's reconstruction error goes: luminance or colour (docs/experiments.md, "Why the tokenizer was grey").
+"""Where a tokenizer's reconstruction error goes, luminance or colour (docs/experiments.md: why the tokenizer was grey).
 
     python docs/colour.py out/tokenizer.pt           # both views of a trained tokenizer, raw and EMA weights
     python docs/colour.py --autoencoder no-norm-vp   # a plain autoencoder of the quick tokenizer's layers, 400 steps
@@ -36,7 +36,8 @@ def held_out():
 def report_tokenizer(path):
     ckpt = torch.load(path, map_location="cpu")
     x = held_out()
-    print(f"{path}: grey reconstruction's colour error {error_split(x - (x - (x * LUMA).sum(1, keepdim=True)), x)[2]:.4f}")
+    grey = (x * LUMA).sum(1, keepdim=True).expand_as(x)  # the right luminance, no colour
+    print(f"{path}: a grey reconstruction's colour error is {error_split(grey, x)[2]:.4f}")
     for weights in ("model", "ema"):
         tokenizer = discon.Tokenizer(discon.TokenizerConfig(**ckpt["config"]["tokenizer"]))
         tokenizer.load_state_dict(ckpt[weights])
