@@ -74,7 +74,8 @@ class TrainConfig:
     ckpt_every: int = 500
     compile: bool = False         # torch.compile the stage-2 model (stage 1 stays eager: README.md says why)
     cache_latents: bool = True    # stage 2: encode every image and its mirror image once instead of at every step
-                                  # (1.1x per step on the quick preset's small encoder, docs/experiments.md;
+                                  # (1.1x per step on the base-8 encoder of an earlier quick preset,
+                                  # docs/experiments.md;
                                   # imagenet64 turns it off: ~40 GB)
     refit_codebook: int = 0       # stage 2: first replace the tokenizer's codebook by this many k-means centres of its
                                   # encoder's latents (README: how much should d say); 0 keeps it
@@ -429,12 +430,13 @@ def make_judge():
                          nn.Flatten(), nn.Linear(4 * w, len(SHAPES)))
 
 
-def gaussian_blur(x, sigma):
-    """Blur images (B, 3, H, W) with a 5x5 Gaussian kernel, replicating the border."""
-    r = torch.arange(-2, 3, dtype=torch.float32)
+def gaussian_blur(x, sigma, radius=2):
+    """Blur images (B, 3, H, W) with a (2 radius + 1)^2 Gaussian kernel, replicating the border."""
+    r = torch.arange(-radius, radius + 1, dtype=torch.float32)
     kernel = torch.exp(-r ** 2 / (2 * sigma ** 2))
     kernel = (kernel[:, None] * kernel[None]) / kernel.sum() ** 2
-    return F.conv2d(F.pad(x, (2, 2, 2, 2), mode="replicate"), kernel.expand(3, 1, 5, 5), groups=3)
+    size = 2 * radius + 1
+    return F.conv2d(F.pad(x, (radius,) * 4, mode="replicate"), kernel.expand(3, 1, size, size), groups=3)
 
 
 def shape_judge(image_size, cache_dir=None, steps=400, batch=128, lr=3e-3):

@@ -1,7 +1,7 @@
 """Where a tokenizer's reconstruction error goes, luminance or colour (docs/experiments.md: why the tokenizer was grey).
 
     python docs/colour.py out/tokenizer.pt           # both views of a trained tokenizer, raw and EMA weights
-    python docs/colour.py --autoencoder no-norm-vp   # a plain autoencoder of the quick tokenizer's layers, 400 steps
+    python docs/colour.py --autoencoder no-norm-vp   # a plain autoencoder of the base-8 tokenizer's layers, 400 steps
 
 The error of a reconstruction r of images x (both in [-1, 1]) is split at every pixel into its luminance part
 (Rec. 601 weights) and the rest, its colour part. A grey reconstruction with the right luminance has a colour error of
@@ -47,9 +47,9 @@ def report_tokenizer(path):
 
 
 def train_autoencoder(variant, steps=400, batch=32, lr=3e-3):
-    """The quick tokenizer's encoder and decoder (base 8, downsample 8, 16 channels) as a plain autoencoder (no KL
-    noise, no codebook), L1, AdamW: does colour get learnt? variant: as-is | no-norm | vp-init | no-norm-vp. As-is
-    rebuilds the layers of before this change: GroupNorm (LDM's) and PyTorch's default conv init."""
+    """The encoder and decoder of the base-8 quick tokenizer of git 6ed9d3e (downsample 8, 16 channels) as a plain
+    autoencoder (no KL noise, no codebook), L1, AdamW: does colour get learnt? variant: as-is | no-norm | vp-init |
+    no-norm-vp. As-is rebuilds the layers of before that change: GroupNorm (LDM's) and PyTorch's default conv init."""
     torch.manual_seed(0)
     cfg = discon.TokenizerConfig(base_channels=8, downsample=8, latent_channels=16)
     encoder, decoder = discon.Encoder(cfg), discon.Decoder(cfg)
