@@ -74,9 +74,8 @@ class TrainConfig:
     ckpt_every: int = 500
     compile: bool = False         # torch.compile the stage-2 model (stage 1 stays eager: README.md says why)
     cache_latents: bool = True    # stage 2: encode every image and its mirror image once instead of at every step
-                                  # (1.1x per step on the base-8 encoder of an earlier quick preset,
-                                  # docs/experiments.md;
-                                  # imagenet64 turns it off: ~40 GB)
+                                  # (1.1x per step on an earlier quick preset's base-8 encoder,
+                                  # docs/experiments.md; imagenet64 turns it off: ~40 GB)
     refit_codebook: int = 0       # stage 2: first replace the tokenizer's codebook by this many k-means centres of its
                                   # encoder's latents (README: how much should d say); 0 keeps it
     deterministic: bool = False   # CUDA: deterministic kernels where torch has them, so that a resumed run ends as an
