@@ -1,6 +1,6 @@
 """Does DisCon's continuous stage learn what the discrete token leaves out? (docs/experiments.md, "Where it breaks")
 
-    python docs/residual.py out/model.pt
+    python docs/residual.py out/model.pt [--temperature 0.6]
 
 On 500 fresh shapes (seed 5; training uses seed 0), every continuous token c_i is predicted teacher-forced: the
 transformer sees the true class, the true discrete grid d and the true c_1 .. c_{i-1}, as in training, and the
@@ -25,6 +25,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", help="a discon-mode model.pt of train.py, trained on shapes")
     parser.add_argument("--samples", type=int, default=8, help="head samples per token")
+    parser.add_argument("--temperature", type=float, default=1.0, help="scales the head's sampling noise (sample.py's)")
     args = parser.parse_args()
     ckpt = torch.load(args.checkpoint, map_location="cpu")
     model = discon.build_model(ckpt["config"]["tokenizer"], ckpt["config"]["model"])
@@ -40,12 +41,13 @@ def main():
     z = model.transformer(model.embed(y, c, d))[:, model.n_discrete:]               # the outputs that predict c_1 ..
     B, N, C = c.shape
     generator = torch.Generator().manual_seed(0)
-    samples = torch.stack([model.sample_latent(z.reshape(B * N, -1), 1.0, 1.0, None, generator)
+    samples = torch.stack([model.sample_latent(z.reshape(B * N, -1), 1.0, args.temperature, None, generator)
                            for _ in range(args.samples)]).view(args.samples, B, N, C)
 
     def mse(prediction):
         return (prediction - c).pow(2).mean().item()
-    print(f"{args.checkpoint}: mean squared error per channel of normalised c (its mean square: {c.pow(2).mean():.3f})")
+    print(f"{args.checkpoint}, temperature {args.temperature}: mean squared error per channel of normalised c "
+          f"(its mean square: {c.pow(2).mean():.3f})")
     print(f"  codebook centre of d_i       {mse(centre):.3f}")
     print(f"  one head sample              {mse(samples[0]):.3f}")
     print(f"  mean of {args.samples} head samples       {mse(samples.mean(0)):.3f}   (their spread: "
