@@ -718,19 +718,21 @@ class DisCon(nn.Module):
 
     @torch.no_grad()
     def generate(self, y, guidance=None, guidance_continuous=None, temperature=1.0, top_k=0, diffusion_steps=None,
-                 generator=None, use_kv_cache=True, codes=None):
+                 generator=None, use_kv_cache=True, codes=None, temperature_continuous=None):
         """Sample images (B, 3, H, W) uint8 for labels y (B,): d token by token, then c token by token, then decode.
 
         guidance: the classifier-free guidance scale of the discrete phase (on the logits) and, unless
         guidance_continuous is given, of the continuous phase (on the head's eps); 1 means no guidance. When neither
         is given, the config's scales are used (as for diffusion_steps).
-        temperature: divides the logits, and scales the diffusion noise (MAR). top_k: 0 keeps every code.
+        temperature: divides the logits and, unless temperature_continuous is given, scales the diffusion noise (MAR).
+        top_k: 0 keeps every code.
         use_kv_cache=False recomputes the whole prefix at every step: the slow path the tests compare against.
         codes: "discon" mode only, a discrete grid (B, h, w) to condition on instead of sampling d: p(c | d, y) alone.
         """
         self.check_labels(y)
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
+        temperature_continuous = temperature if temperature_continuous is None else temperature_continuous
+        if min(temperature, temperature_continuous) <= 0:
+            raise ValueError(f"temperatures must be > 0, got {temperature} and {temperature_continuous}")
         g = self.tokenizer.cfg.grid_size
         if codes is not None and (self.cfg.mode != "discon" or tuple(codes.shape) != (len(y), g, g)):
             raise ValueError(f"codes must be a (B, {g}, {g}) grid for a discon-mode model, got {tuple(codes.shape)} "
@@ -763,7 +765,7 @@ class DisCon(nn.Module):
                 token = self.sample_token(self.logits(h).float(), scale, temperature, top_k, generator)   # (B,)
                 d_in[:, pos] = token.repeat(len(labels) // B)
             else:
-                latent = self.sample_latent(h, scale, temperature, diffusion_steps, generator)          # (B, C)
+                latent = self.sample_latent(h, scale, temperature_continuous, diffusion_steps, generator)  # (B, C)
                 c_in[:, pos - n] = latent.repeat(len(labels) // B, 1)
 
         if self.cfg.mode == "discrete":

@@ -46,7 +46,10 @@ def make_parser():
                    help="the guidance scale of the continuous phase alone (discon and continuous modes; None: as "
                         "--guidance, or the model config's)")
     p.add_argument("--temperature", type=positive(float), default=1.0,
-                   help="divides the logits of d and scales the diffusion noise of c (MAR)")
+                   help="divides the logits of d and, unless --temperature-continuous is given, scales the diffusion "
+                        "noise of c (MAR)")
+    p.add_argument("--temperature-continuous", type=positive(float), default=None,
+                   help="scales the diffusion noise of c alone (discon and continuous modes; None: as --temperature)")
     p.add_argument("--top-k", type=positive(int, zero=True), default=0, help="sample d from the k likeliest codes; "
                                                                                 "0 = from every code")
     p.add_argument("--diffusion-steps", type=positive(int), default=None,
@@ -121,7 +124,7 @@ def generate(args, rank, world, device):
         with autocast:
             images = model.generate(y, args.guidance, args.guidance_continuous, temperature=args.temperature,
                                     top_k=args.top_k, diffusion_steps=args.diffusion_steps, generator=generator,
-                                    codes=codes)
+                                    codes=codes, temperature_continuous=args.temperature_continuous)
         mine.append((b, images.permute(0, 2, 3, 1).cpu().numpy()))                     # (B, H, W, 3) uint8
     if world > 1:  # every process's batches to rank 0 only (50k images of 64x64 are 614 MB)
         gathered = [None] * world if rank == 0 else None
@@ -152,9 +155,10 @@ def generate(args, rank, world, device):
         guidance_continuous = args.guidance_continuous
         if guidance_continuous is None:
             guidance_continuous = cfg.guidance_continuous if args.guidance is None else guidance
+        temperature_continuous = args.temperature_continuous or args.temperature  # None: as --temperature (> 0)
         print0(f"FID {score:.3f} ({n} samples vs {args.fid_ref}, fid.py mode={args.fid_mode}, guidance {guidance} "
-               f"(discrete) / {guidance_continuous} (continuous), temperature={args.temperature}, "
-               f"{'raw' if args.no_ema else 'EMA'} weights)")
+               f"(discrete) / {guidance_continuous} (continuous), temperature {args.temperature} (discrete) / "
+               f"{temperature_continuous} (continuous), {'raw' if args.no_ema else 'EMA'} weights)")
 
 
 def training_images(ckpt, n):

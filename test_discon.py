@@ -771,6 +771,20 @@ def test_generate_returns_seeded_uint8_images(mode):
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
+def test_generate_gives_the_head_its_own_temperature():
+    # --temperature divides the logits of d and, unless the continuous phase has its own, scales the head's noise.
+    model, y = tiny_model("discon"), torch.tensor([0, 3])
+    tokens, latents = spy(model, "sample_token"), spy(model, "sample_latent")
+    model.generate(y, guidance=1.0, temperature=0.7, generator=torch.Generator().manual_seed(0))
+    model.generate(y, guidance=1.0, temperature=0.7, temperature_continuous=0.3,
+                   generator=torch.Generator().manual_seed(0))
+    n = model.n_discrete
+    assert [call["temperature"] for call in tokens] == [0.7] * 2 * n
+    assert [call["temperature"] for call in latents] == [0.7] * n + [0.3] * n
+    with pytest.raises(ValueError, match="temperatures must be > 0"):
+        model.generate(y, temperature_continuous=0.0)
+
+
 @pytest.mark.parametrize("mode", discon.MODES)
 def test_generate_with_kv_cache_equals_the_slow_path(mode):
     # float64, so that the last-bit differences between the two paths can flip neither a sampled code nor a pixel

@@ -6,8 +6,8 @@ On 500 fresh shapes (seed 5; training uses seed 0), every continuous token c_i i
 transformer sees the true class, the true discrete grid d and the true c_1 .. c_{i-1}, as in training, and the
 diffusion head samples c_i from its output (no guidance) several times. Printed: the mean squared error per channel of
 normalised c against the real c, for the codebook centre of d_i (what d alone says), one head sample, and the mean of
-the samples (about the head's conditional mean). A head that learnt the residual c - codebook[d_i] has a mean closer
-to c than the centre is.
+the samples (about the head's conditional mean, at temperature 1). A head that learnt the residual c - codebook[d_i]
+has a mean closer to c than the centre is.
 """
 import argparse
 import os
@@ -25,8 +25,11 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", help="a discon-mode model.pt of train.py, trained on shapes")
     parser.add_argument("--samples", type=int, default=8, help="head samples per token")
-    parser.add_argument("--temperature", type=float, default=1.0, help="scales the head's sampling noise (sample.py's)")
-    args = parser.parse_args()
+    parser.add_argument("--temperature", type=float, default=1.0, help="> 0: scales the head's sampling noise")
+        args = parser.parse_args()
+    if args.temperature <= 0:
+        parser.error(f"--temperature must be > 0, got {args.temperature}")
+
     ckpt = torch.load(args.checkpoint, map_location="cpu")
     model = discon.build_model(ckpt["config"]["tokenizer"], ckpt["config"]["model"])
     model.load_state_dict(ckpt["ema"])
