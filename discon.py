@@ -725,6 +725,7 @@ class DisCon(nn.Module):
         guidance_continuous is given, of the continuous phase (on the head's eps); 1 means no guidance. When neither
         is given, the config's scales are used (as for diffusion_steps).
         temperature: divides the logits and, unless temperature_continuous is given, scales the diffusion noise (MAR).
+        temperature_continuous: the diffusion noise's scale alone (None: temperature); unused in discrete mode.
         top_k: 0 keeps every code.
         use_kv_cache=False recomputes the whole prefix at every step: the slow path the tests compare against.
         codes: "discon" mode only, a discrete grid (B, h, w) to condition on instead of sampling d: p(c | d, y) alone.
@@ -732,7 +733,8 @@ class DisCon(nn.Module):
         self.check_labels(y)
         temperature_continuous = temperature if temperature_continuous is None else temperature_continuous
         if min(temperature, temperature_continuous) <= 0:
-            raise ValueError(f"temperatures must be > 0, got {temperature} and {temperature_continuous}")
+            raise ValueError(f"temperature and temperature_continuous must be > 0, got {temperature} and "
+                             f"{temperature_continuous}")
         g = self.tokenizer.cfg.grid_size
         if codes is not None and (self.cfg.mode != "discon" or tuple(codes.shape) != (len(y), g, g)):
             raise ValueError(f"codes must be a (B, {g}, {g}) grid for a discon-mode model, got {tuple(codes.shape)} "

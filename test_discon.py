@@ -781,7 +781,7 @@ def test_generate_gives_the_head_its_own_temperature():
     n = model.n_discrete
     assert [call["temperature"] for call in tokens] == [0.7] * 2 * n
     assert [call["temperature"] for call in latents] == [0.7] * n + [0.3] * n
-    with pytest.raises(ValueError, match="temperatures must be > 0"):
+    with pytest.raises(ValueError, match="temperature and temperature_continuous must be > 0"):
         model.generate(y, temperature_continuous=0.0)
 
 
@@ -1859,7 +1859,8 @@ def bad_files(trained, tmp_path):
     ("sample", ["{tmp}/truncated.pt"], "cannot read {tmp}/truncated.pt"),
     ("sample", ["{tmp}/run/model.pt", "--num-images", "15"], "not divisible"),
     *[("sample", ["{tmp}/run/model.pt", flag, value], f"argument {flag}: must be > 0") for flag, value in [
-        ("--num-images", "0"), ("--batch-size", "0"), ("--temperature", "0"), ("--diffusion-steps", "0")]],
+        ("--num-images", "0"), ("--batch-size", "0"), ("--temperature", "0"), ("--temperature-continuous", "0"),
+        ("--diffusion-steps", "0")]],
     *[("sample", ["{tmp}/run/model.pt", flag, "-1"], f"argument {flag}: must be >= 0") for flag in [
         "--top-k", "--guidance", "--guidance-continuous"]],
     ("sample", ["{tmp}/run/model.pt", "--diffusion-steps", "1001"], "--diffusion-steps 1001 is more than"),

@@ -26,10 +26,9 @@ def main():
     parser.add_argument("checkpoint", help="a discon-mode model.pt of train.py, trained on shapes")
     parser.add_argument("--samples", type=int, default=8, help="head samples per token")
     parser.add_argument("--temperature", type=float, default=1.0, help="> 0: scales the head's sampling noise")
-        args = parser.parse_args()
+    args = parser.parse_args()
     if args.temperature <= 0:
         parser.error(f"--temperature must be > 0, got {args.temperature}")
-
     ckpt = torch.load(args.checkpoint, map_location="cpu")
     model = discon.build_model(ckpt["config"]["tokenizer"], ckpt["config"]["model"])
     model.load_state_dict(ckpt["ema"])
