@@ -2,16 +2,15 @@
 
 A reference implementation of Zheng et al., "Rethinking Discrete Tokens: Treating Them as Conditions for Continuous
 Autoregressive Image Synthesis" (arXiv 2507.01756, ICCV 2025). An image has two views of one latent grid: the discrete
-VQ index grid d and the continuous latent grid c. The model samples d first, then c conditioned on d, and decodes
-only c:
+VQ index grid d and the continuous latent grid c. DisCon samples d from a discrete autoregressive prior, then c from a
+masked continuous model conditioned on d, and decodes only c:
 
     p(c | y) = sum_d p(d | y) p(c | d, y)            y = class label
 
 The file reads like the method: configs, tokenizer (c and d of one grid), Gaussian diffusion, diffusion head (p(c_i | .)
-per token), causal transformer, DisCon (training losses), sampling. README.md lists every difference from the paper and
-why; the two that shape this file: one tokenizer gives both views (the paper pairs VA-VAE with MaskGIT's VQGAN), and the
-continuous stage is causal, in raster order, one token per step (the paper's figure shows a MAR-like random-order
-stage).
+per token), transformer, discrete prior p(d | y) (LlamaGen-like, causal), continuous model p(c | d, y) (MAR-like,
+bidirectional, random order), DisCon (the two together). README.md lists every difference from the paper and why; the
+one that shapes this file: one tokenizer gives both views (the paper pairs VA-VAE with MaskGIT's VQGAN).
 """
 import dataclasses
 import math
@@ -66,17 +65,20 @@ class DisConConfig:
     dropout: float = 0.0               # on the attention weights and the MLP's output (MAR: 0.1 on the attention
                                        # weights, the attention output and the MLP); 0 for the short CPU runs, where
                                        # the model sees each image a few times only; the cifar10 preset sets 0.1
-    label_drop: float = 0.1            # classifier-free guidance: the class is dropped with this probability (MAR's and
-                                       # LlamaGen's 0.1) and, in discon mode, the whole condition (y and d) too
+    label_drop: float = 0.1            # classifier-free guidance: the prior drops the class, the continuous model
+                                       # its whole condition (y and d), with this probability (MAR's, LlamaGen's 0.1)
     head_width: int = 256              # MAR's MLP head is 1024 wide and 6 deep for MAR-B (its README; 3 is the
     head_depth: int = 3                # default of its training script); scaled down here
     diffusion_batch_mul: int = 4       # MAR: each condition is trained on 4 (t, noise) pairs per step
     num_timesteps: int = 1000          # MAR / DDPM training steps
     # Sampling defaults (what generate and sample.py use unless told otherwise), measured in README.md:
+    sampling_steps: int = 8            # K, the continuous model's steps; each reveals several tokens (MAR: 64 for
+                                       # 256 tokens); must be at most the N tokens of the grid
     diffusion_steps: int = 25          # respaced sampling steps: 25 scored as 100 (MAR's default) on the quick
-                                       # preset (README); the GPU presets keep 100, unmeasured there
+                                       # preset (docs/experiments.md); the GPU presets keep 100
     guidance: float = 3.0              # classifier-free guidance scale of the discrete phase (on the logits) ...
-    guidance_continuous: float = 3.0   # ... and of the continuous phase (on the head's eps); 1 means no guidance
+    guidance_continuous: float = 3.0   # ... and of the continuous phase (on the head's eps, ramped up from 1 as the
+                                       # tokens are revealed, MAR's linear schedule); 1 means no guidance
     clip_latent: float = 5.0           # sampling clamps the predicted clean c to +-this (c has unit std per channel);
                                        # ADM's clip_denoised. Without it the first respaced step amplifies the head's
                                        # eps error several hundred times (abar_999 = 2e-9) and samples diverge.
@@ -85,11 +87,12 @@ class DisConConfig:
         if self.mode not in MODES:
             raise ValueError(f"mode {self.mode!r} is unknown: choose one of {', '.join(MODES)}")
         check_fields(self, positive=("num_classes", "n_layer", "n_head", "n_embd", "head_width", "head_depth",
-                                     "diffusion_batch_mul", "num_timesteps", "diffusion_steps", "clip_latent"),
+                                     "diffusion_batch_mul", "num_timesteps", "sampling_steps", "diffusion_steps",
+                                     "clip_latent"),
                      non_negative=("guidance", "guidance_continuous"))
         if not 0 <= self.dropout < 1:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
-        if not 0 <= self.label_drop < 0.5:  # discon mode drops the class, and the whole condition, each at this rate
+        if not 0 <= self.label_drop < 0.5:
             raise ValueError(f"label_drop must be in [0, 0.5), got {self.label_drop}")
         if self.diffusion_steps > self.num_timesteps:
             raise ValueError(f"diffusion_steps {self.diffusion_steps} is more than num_timesteps {self.num_timesteps}")
@@ -499,8 +502,9 @@ class DiffusionHead(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Causal transformer: GPT-2 style pre-norm blocks (nanoGPT), learned absolute positions, and a KV cache so that
-# sampling one more token attends to stored keys and values instead of recomputing the prefix.
+# Transformer: GPT-2 style pre-norm blocks (nanoGPT) with learned absolute positions. Causal, with a KV cache, for the
+# discrete prior (sampling one more token attends to stored keys and values instead of recomputing the prefix);
+# bidirectional for the continuous model, whose every position sees every other one (MAR).
 
 
 class KVCache:
@@ -524,10 +528,10 @@ class KVCache:
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
 
-class CausalSelfAttention(nn.Module):
-    def __init__(self, cfg, layer):
+class SelfAttention(nn.Module):
+    def __init__(self, cfg, layer, causal=True):
         super().__init__()
-        self.layer, self.n_head, self.dropout = layer, cfg.n_head, cfg.dropout
+        self.layer, self.n_head, self.dropout, self.causal = layer, cfg.n_head, cfg.dropout, causal
         self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd)
         self.proj = nn.Linear(cfg.n_embd, cfg.n_embd)
 
@@ -537,7 +541,7 @@ class CausalSelfAttention(nn.Module):
                    for t in self.qkv(x).split(D, dim=2))
         dropout = self.dropout if self.training else 0.0
         if kv_cache is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal, dropout_p=dropout)
         else:
             past = kv_cache.length
             k, v = kv_cache.update(self.layer, k, v)                                        # (B, nh, past + T, hs)
@@ -548,10 +552,10 @@ class CausalSelfAttention(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg, layer):
+    def __init__(self, cfg, layer, causal=True):
         super().__init__()
         self.norm1 = nn.LayerNorm(cfg.n_embd)
-        self.attn = CausalSelfAttention(cfg, layer)
+        self.attn = SelfAttention(cfg, layer, causal)
         self.norm2 = nn.LayerNorm(cfg.n_embd)
         self.mlp = nn.Sequential(nn.Linear(cfg.n_embd, 4 * cfg.n_embd), nn.GELU(),
                                  nn.Linear(4 * cfg.n_embd, cfg.n_embd), nn.Dropout(cfg.dropout))
@@ -562,16 +566,19 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-    """Input embeddings (B, T, D) -> outputs (B, T, D); with a cache, the T inputs continue the cached positions."""
+    """Input embeddings (B, T, D) -> outputs (B, T, D); with a cache (causal only), the T inputs continue the cached
+    positions."""
 
-    def __init__(self, cfg, block_size):
+    def __init__(self, cfg, block_size, causal=True):
         super().__init__()
-        self.block_size = block_size
+        self.block_size, self.causal = block_size, causal
         self.position_embed = nn.Embedding(block_size, cfg.n_embd)
-        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
+        self.blocks = nn.ModuleList(Block(cfg, i, causal) for i in range(cfg.n_layer))
         self.norm = nn.LayerNorm(cfg.n_embd)
 
     def new_cache(self):
+        if not self.causal:
+            raise ValueError("a bidirectional transformer has no KV cache: every position sees the later ones")
         return KVCache(len(self.blocks), self.block_size)
 
     def forward(self, x, kv_cache=None):
@@ -587,19 +594,215 @@ class Transformer(nn.Module):
         return self.norm(x)
 
 
+def gpt2_init(module, n_layer):
+    """GPT-2's init (nanoGPT): N(0, 0.02) for linear and embedding weights, N(0, 0.02 / sqrt(2 n_layer)) for the
+    residual projections, zero biases."""
+    for name, m in module.named_modules():
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            residual = name.endswith((".attn.proj", ".mlp.2"))
+            nn.init.normal_(m.weight, std=0.02 / math.sqrt(2 * n_layer) if residual else 0.02)
+            if getattr(m, "bias", None) is not None:
+                nn.init.zeros_(m.bias)
+
+
 # ----------------------------------------------------------------------------------------------------------------------
-# DisCon. One causal sequence per image, [y, d_1 .. d_N, c_1 .. c_N] in raster order, without its last token (whose
-# output would predict nothing). The output at position j predicts token j + 1: cross-entropy for the d's (p(d | y)),
-# the diffusion loss for the c's (p(c | d, y)). The position whose output predicts c_i also carries an embedding of
-# d_i, its aligned discrete token, so the head knows which mode c_i must fall in. The baselines drop one half:
-# "continuous" is [y, c_1 .. c_N] (a causal MAR) and "discrete" is [y, d_1 .. d_N] (LlamaGen).
+# The discrete prior p(d | y), LlamaGen's recipe: one causal sequence [y, d_1 .. d_N] (without its last token, whose
+# output would predict nothing); the output at position j predicts d_(j+1) with a softmax over the K codes. Trained
+# with next-token cross-entropy, sampled token by token with a KV cache. It is the whole `discrete` baseline and the
+# first half of DisCon. Classifier-free guidance: the class is replaced by a learned null class at rate label_drop.
+
+
+def sample_token(logits, guidance, temperature, top_k, generator):
+    """One token per row from logits (B, K), or with guidance (2B, K): conditional rows first."""
+    if guidance != 1:
+        logits = classifier_free_guidance(*logits.chunk(2), guidance)
+    logits = logits / temperature
+    if top_k:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator).squeeze(1)   # (B,)
+
+
+class DiscretePrior(nn.Module):
+    def __init__(self, cfg, num_tokens, codebook_size):
+        super().__init__()
+        self.cfg, self.num_tokens = cfg, num_tokens
+        self.null_class = cfg.num_classes                                                 # the class of "no class"
+        self.class_embed = nn.Embedding(cfg.num_classes + 1, cfg.n_embd)                  # last row: the null class
+        self.token_embed = nn.Embedding(codebook_size, cfg.n_embd)
+        self.transformer = Transformer(cfg, num_tokens, causal=True)
+        self.logits = nn.Linear(cfg.n_embd, codebook_size, bias=False)
+        gpt2_init(self, cfg.n_layer)
+
+    def embed(self, y, d, start=0, end=None):
+        """Input embeddings (B, end - start, D) of positions [start, end): position 0 holds y, position j holds d_j
+        (1-based); sampling embeds only the new position at each step."""
+        end = self.num_tokens if end is None else end
+        parts = [self.class_embed(y)[:, None]] if start == 0 else []                      # (B, 1, D)
+        if end > max(start, 1):
+            parts.append(self.token_embed(d[:, max(start, 1) - 1:end - 1]))               # (B, ., D)
+        return torch.cat(parts, dim=1)
+
+    def forward(self, y, d, generator=None):
+        """Next-token cross-entropy of the grids d (B, N) given labels y (B,)."""
+        if self.training and self.cfg.label_drop > 0:  # learn the unconditional prior too
+            drop = torch.rand(len(y), generator=generator, device=y.device) < self.cfg.label_drop
+            y = torch.where(drop, torch.full_like(y, self.null_class), y)
+        logits = self.logits(self.transformer(self.embed(y, d)))                         # (B, N, K)
+        return F.cross_entropy(logits.flatten(0, 1).float(), d.flatten())
+
+    @torch.no_grad()
+    def sample(self, y, guidance, temperature, top_k, generator, use_kv_cache=True):
+        """d (B, N) for labels y (B,), token by token. Guided, rows [B:] are the unconditional branch (null class);
+        both halves see the tokens sampled so far. use_kv_cache=False recomputes the prefix at every step: the slow
+        path the tests compare against."""
+        B, N = len(y), self.num_tokens
+        rows = y if guidance == 1 else torch.cat([y, torch.full_like(y, self.null_class)])
+        d = torch.zeros(len(rows), N, dtype=torch.long, device=y.device)
+        cache = self.transformer.new_cache() if use_kv_cache else None
+        for pos in range(N):  # the output at position pos predicts d_(pos + 1)
+            h = self.transformer(self.embed(rows, d, pos if use_kv_cache else 0, pos + 1), cache)[:, -1]   # (rows, D)
+            d[:, pos] = sample_token(self.logits(h).float(), guidance, temperature, top_k, generator).repeat(len(rows) // B)
+        return d[:B]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The continuous model p(c | d, y), MAR's masked autoregression. A bidirectional transformer over [y, x_1 .. x_N]:
+# x_i embeds c_i where it is known and is a learned mask token where it is not; given d, x_i also carries the
+# embedding of d_i, the discrete token aligned with position i, so every position sees the whole of d. Training hides a
+# random subset of the positions (one mask ratio per batch) and applies the diffusion loss there; sampling reveals the
+# positions in a random order, several at a time, over K steps on a cosine schedule, and the diffusion head samples
+# each step's tokens together. Without d this is MAR itself, the `continuous` baseline.
 #
-# Classifier-free guidance needs an unconditional model of each phase. The discrete phase's is p(d | null class). The
-# continuous phase's cannot be p(c | d, null class): d nearly determines the class, so that branch would predict what
-# the conditional one does and guidance would do nothing. Its condition is dropped as a whole: null class and a grid of
-# null codes (one learned embedding for every discrete position and for the aligned token). Training therefore drops
-# the class of a row with probability label_drop and, in discon mode, the whole condition of another row with the same
-# probability; those rows have no real d to predict, so the cross-entropy skips them.
+# Classifier-free guidance needs an unconditional model. p(c | d, null class) is not one: d nearly determines the class,
+# so that branch would predict what the conditional one does. The condition is dropped as a whole at rate label_drop:
+# the null class, and a grid of null codes.
+
+MASK_RATIO_MIN, MASK_RATIO_STD = 0.7, 0.25   # MAR: the mask ratio is N(1, 0.25^2) truncated to [0.7, 1]
+
+
+def mask_ratio(generator=None, device=None):
+    """One draw of MAR's mask ratio, by inverting the normal CDF on the truncated interval [0.7, 1]."""
+    low = torch.special.ndtr(torch.tensor((MASK_RATIO_MIN - 1) / MASK_RATIO_STD, dtype=torch.float64))
+    u = low + (0.5 - low) * torch.rand(1, generator=generator, device=device, dtype=torch.float64).cpu()
+    return float(1 + MASK_RATIO_STD * torch.special.ndtri(u))
+
+
+def reveal_schedule(num_tokens, steps):
+    """How many tokens each of the K = steps sampling steps reveals (MAR's cosine schedule): after step k,
+    floor(N cos(pi/2 (k + 1) / K)) stay masked, with at least one revealed per step and none left after the last."""
+    if not 1 <= steps <= num_tokens:
+        raise ValueError(f"sampling_steps must be in [1, {num_tokens}] (the number of tokens), got {steps}")
+    masked, counts = num_tokens, []
+    for k in range(steps):
+        left = 0 if k == steps - 1 else max(1, min(masked - 1, math.floor(num_tokens * math.cos(math.pi / 2 * (k + 1) / steps))))
+        counts.append(masked - left)
+        masked = left
+    return counts
+
+
+class ContinuousModel(nn.Module):
+    def __init__(self, cfg, num_tokens, latent_channels, codebook_size=None):
+        super().__init__()
+        self.cfg, self.num_tokens, self.channels = cfg, num_tokens, latent_channels
+        self.conditioned = codebook_size is not None                                      # p(c | d, y), else p(c | y)
+        self.null_class = cfg.num_classes
+        self.class_embed = nn.Embedding(cfg.num_classes + 1, cfg.n_embd)                  # last row: the null class
+        self.latent_proj = nn.Linear(latent_channels, cfg.n_embd)
+        self.mask_token = nn.Parameter(torch.zeros(cfg.n_embd))
+        if self.conditioned:
+            self.null_code = codebook_size
+            self.code_embed = nn.Embedding(codebook_size + 1, cfg.n_embd)                 # last row: the null code
+        self.transformer = Transformer(cfg, num_tokens + 1, causal=False)
+        gpt2_init(self, cfg.n_layer)
+        nn.init.normal_(self.mask_token, std=0.02)                                        # MAR's init of its mask token
+        # Built after the init above, so that the head's zero-initialised layers stay zero.
+        self.diffusion_head = DiffusionHead(latent_channels, cfg.n_embd, cfg.head_width, cfg.head_depth)
+        self.diffusion = GaussianDiffusion(cfg.num_timesteps)
+
+    def embed(self, y, c, d, known):
+        """Input embeddings (B, N + 1, D): the class, then each position's latent c_i (B, N, C) where known (B, N) is
+        true and the mask token where not, plus the embedding of its discrete token d_i (B, N) when conditioned."""
+        x = torch.where(known[..., None], self.latent_proj(c), self.mask_token.to(c.dtype))  # (B, N, D)
+        if self.conditioned:
+            x = x + self.code_embed(d)
+        return torch.cat([self.class_embed(y)[:, None].to(x.dtype), x], dim=1)
+
+    def drop_condition(self, y, d, drop):
+        """The labels and grids with the rows where drop (B,) is true replaced by the null class and null codes."""
+        y = torch.where(drop, torch.full_like(y, self.null_class), y)
+        if self.conditioned:
+            d = torch.where(drop[:, None], torch.full_like(d, self.null_code), d)
+        return y, d
+
+    def forward(self, c, d, y, generator=None):
+        """Diffusion loss of the masked positions of c (B, N, C), given d (B, N; None when unconditioned) and y (B,)."""
+        B, N, C = c.shape
+        if self.training and self.cfg.label_drop > 0:
+            y, d = self.drop_condition(y, d, torch.rand(B, generator=generator, device=y.device) < self.cfg.label_drop)
+        n = math.ceil(mask_ratio(generator, c.device) * N)                                # masked positions per image
+        order = torch.rand(B, N, generator=generator, device=c.device).argsort(dim=1)     # a random order per image
+        hidden = order[:, :n]                                                             # (B, n)
+        known = torch.ones(B, N, dtype=torch.bool, device=c.device).scatter(1, hidden, False)
+        h = self.transformer(self.embed(y, c, d, known))[:, 1:]                           # (B, N, D)
+        z = h.gather(1, hidden[..., None].expand(-1, -1, h.shape[-1])).flatten(0, 1)      # (B*n, D)
+        target = c.gather(1, hidden[..., None].expand(-1, -1, C)).flatten(0, 1)           # (B*n, C)
+        mul = self.cfg.diffusion_batch_mul  # every condition gets `mul` independent (t, noise) draws
+        return self.diffusion.loss(self.diffusion_head, target.repeat(mul, 1), z.repeat(mul, 1), generator)
+
+    @torch.no_grad()
+    def sample(self, y, d, guidance, temperature, steps, diffusion_steps, generator):
+        """c (B, N, C) for labels y (B,) and grids d (B, N; None when unconditioned): each image reveals its positions
+        in its own random order, as many at each of the `steps` steps as reveal_schedule says. Guidance ramps
+        linearly with the fraction revealed after the step (MAR's linear schedule, from 1 to `guidance`); rows [B:]
+        are the unconditional branch, with the same known latents."""
+        B, N, C = len(y), self.num_tokens, self.channels
+        device, dtype = self.mask_token.device, self.mask_token.dtype
+        order = torch.rand(B, N, generator=generator, device=device).argsort(dim=1)       # (B, N) positions by turn
+        c = torch.zeros(B, N, C, dtype=dtype, device=device)
+        known = torch.zeros(B, N, dtype=torch.bool, device=device)
+        rows, y_in, d_in = 1, y, d
+        if guidance != 1:
+            rows, (y_in, d_in) = 2, self.drop_condition(y.repeat(2), None if d is None else d.repeat(2, 1),
+                                                        torch.arange(2 * B, device=device) >= B)
+        start = 0
+        for count in reveal_schedule(N, steps):
+            now = order[:, start:start + count]                                           # (B, count) revealed now
+            h = self.transformer(self.embed(y_in, c.repeat(rows, 1, 1), d_in, known.repeat(rows, 1)))[:, 1:]
+            z = h.gather(1, now.repeat(rows, 1)[..., None].expand(-1, -1, h.shape[-1]))   # (rows B, count, D)
+            scale = 1 + (guidance - 1) * (start + count) / N
+            latent = self.sample_latent(z.flatten(0, 1), scale, temperature, diffusion_steps, generator)
+            c.scatter_(1, now[..., None].expand(-1, -1, C), latent.view(B, count, C).to(dtype))
+            known.scatter_(1, now, True)
+            start += count
+        return c
+
+    def sample_latent(self, z, guidance, temperature, steps, generator):
+        """One continuous token per row: the head's reverse chain conditioned on z (M, D), or with guidance (2M, D),
+        conditional rows first."""
+        head, dtype = self.diffusion_head, self.mask_token.dtype
+        # The chain, the head's eps included, runs in the weights' precision even under autocast: at large t the step
+        # multiplies eps by up to 1 / sqrt(abar) (about 2e4 at t = 999), which would magnify bf16 rounding.
+        with torch.autocast(z.device.type, enabled=False):
+            z_embedded = head.cond_embed(z.to(dtype))  # the part of the head's condition fixed for the chain: once
+
+            def eps_fn(x_t, t):  # one head call per diffusion step for the whole batch (both halves when guided)
+                cond = head.embed_time(t[:1]) + z_embedded  # every row is at the same timestep
+                if guidance == 1:
+                    return head.predict(x_t, cond)
+                return classifier_free_guidance(*head.predict(torch.cat([x_t, x_t]), cond).chunk(2), guidance)
+
+            shape = (len(z) // 2 if guidance != 1 else len(z), self.channels)
+            steps = self.cfg.diffusion_steps if steps is None else steps
+            return self.diffusion.sample(eps_fn, shape, steps, temperature, generator, z.device, dtype,
+                                         clip_x0=self.cfg.clip_latent)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# DisCon: the frozen tokenizer, the discrete prior p(d | y) and the continuous model p(c | d, y), trained side by side
+# on the same batches (each with a loss and a gradient clip of its own) and sampled one after the other. The
+# baselines keep one of the two: `discrete` the prior (decoded from the codebook), `continuous` the continuous model
+# without d (MAR).
 
 
 class DisCon(nn.Module):
@@ -608,33 +811,19 @@ class DisCon(nn.Module):
         self.cfg = cfg
         tok_cfg = tokenizer.cfg
         self.num_tokens = tok_cfg.grid_size ** 2                                           # N
-        self.has_discrete = cfg.mode in ("discon", "discrete")
-        self.has_continuous = cfg.mode in ("discon", "continuous")
-        self.n_discrete = self.num_tokens if self.has_discrete else 0                     # positions before the c's
-        self.null_class = cfg.num_classes                                                 # the class of "no class"
-        self.null_code = tok_cfg.codebook_size                                            # the code of "no code"
-
-        self.class_embed = nn.Embedding(cfg.num_classes + 1, cfg.n_embd)                  # last row: the null class
-        if self.has_discrete:
-            self.token_embed = nn.Embedding(tok_cfg.codebook_size + 1, cfg.n_embd)        # last row: the null code
-            self.logits = nn.Linear(cfg.n_embd, tok_cfg.codebook_size, bias=False)
-        if self.has_continuous:
-            self.latent_proj = nn.Linear(tok_cfg.latent_channels, cfg.n_embd)
-        if cfg.mode == "discon":
-            self.align_embed = nn.Embedding(tok_cfg.codebook_size + 1, cfg.n_embd)
-        block_size = self.n_discrete + self.num_tokens if cfg.mode == "discon" else self.num_tokens
-        self.transformer = Transformer(cfg, block_size)
-        for name, m in self.named_modules():  # GPT-2's init (nanoGPT): N(0, 0.02) for linear and embedding weights,
-            if isinstance(m, (nn.Linear, nn.Embedding)):  # N(0, 0.02 / sqrt(2 n_layer)) for the residual projections
-                residual = name.endswith((".attn.proj", ".mlp.2"))
-                nn.init.normal_(m.weight, std=0.02 / math.sqrt(2 * cfg.n_layer) if residual else 0.02)
-                if getattr(m, "bias", None) is not None:
-                    nn.init.zeros_(m.bias)
-        # Attached after the loop above, so that neither the trained codebook nor the head's zero-init is overwritten.
+        # Built in this order from the caller's seed, so the prior of a `discon` model starts, and trains, as the
+        # `discrete` model of the same seed.
+        if cfg.mode in ("discon", "discrete"):
+            self.prior = DiscretePrior(cfg, self.num_tokens, tok_cfg.codebook_size)
+        if cfg.mode in ("discon", "continuous"):
+            codes = tok_cfg.codebook_size if cfg.mode == "discon" else None
+            self.continuous = ContinuousModel(cfg, self.num_tokens, tok_cfg.latent_channels, codes)
+            reveal_schedule(self.num_tokens, cfg.sampling_steps)  # checks that K fits the grid
         self.tokenizer = tokenizer.requires_grad_(False).eval()                           # frozen after stage 1
-        if self.has_continuous:
-            self.diffusion_head = DiffusionHead(tok_cfg.latent_channels, cfg.n_embd, cfg.head_width, cfg.head_depth)
-        self.diffusion = GaussianDiffusion(cfg.num_timesteps)
+
+    def parts(self):
+        """The trained models: the prior and/or the continuous model."""
+        return [m for m in (getattr(self, "prior", None), getattr(self, "continuous", None)) if m is not None]
 
     def train(self, mode=True):
         super().train(mode)
@@ -665,52 +854,19 @@ class DisCon(nn.Module):
             c, d = self.tokenizer.encode(x)
         return c.flatten(2).transpose(1, 2), d.flatten(1)                            # (B, N, C), (B, N)
 
-    def embed(self, y, c, d, start=0, end=None):
-        """Input embeddings (B, end - start, D) of positions [start, end) of the sequence. Position 0 holds y, positions
-        1 .. n_discrete hold d_1 .., the rest c_1 ..; sampling embeds only the new position at each step."""
-        end = self.transformer.block_size if end is None else end
-        n = self.n_discrete
-        parts = []
-        if start == 0:
-            parts.append(self.class_embed(y)[:, None])                                  # (B, 1, D)
-        if max(start, 1) < min(end, n + 1):
-            parts.append(self.token_embed(d[:, max(start, 1) - 1:min(end, n + 1) - 1]))  # (B, ., D)
-        if max(start, n + 1) < end:
-            parts.append(self.latent_proj(c[:, max(start, n + 1) - n - 1:end - n - 1]))  # (B, ., D)
-        x = torch.cat(parts, dim=1)
-        if self.cfg.mode == "discon" and end > n:  # positions N .. 2N-1 predict c_1 .. c_N: add their aligned d_i
-            aligned = self.align_embed(d[:, max(start, n) - n:end - n])                   # (B, ., D)
-            x = torch.cat([x[:, :x.shape[1] - aligned.shape[1]], x[:, x.shape[1] - aligned.shape[1]:] + aligned], 1)
-        return x
-
     # -- training --------------------------------------------------------------------------------------------------
 
     def forward(self, x, y, generator=None):
-        """Training losses for images x (B, 3, H, W) in [-1, 1] or a (c, d) pair, and labels y (B,)."""
+        """Training losses for images x (B, 3, H, W) in [-1, 1] or a (c, d) pair, and labels y (B,): "ce" of the
+        prior, "diffusion" of the continuous model, and their sum "loss". The prior draws its noise first, so it sees
+        what the `discrete` model of the same seed sees."""
         c, d = self.tokens(x)
-        B, N = d.shape
-        self.check_labels(y, B)
-        d_in, keep = d, torch.ones(B, device=d.device)  # the grid the model is shown; rows whose d is predicted
-        if self.training and self.cfg.label_drop > 0:  # classifier-free guidance: learn the unconditional models too
-            u = torch.rand(B, generator=generator, device=y.device)
-            y = torch.where(u < 2 * self.cfg.label_drop if self.cfg.mode == "discon" else u < self.cfg.label_drop,
-                            torch.full_like(y, self.null_class), y)
-            if self.cfg.mode == "discon":  # u < p: the class only; p <= u < 2p: the whole condition
-                drop_all = (u >= self.cfg.label_drop) & (u < 2 * self.cfg.label_drop)
-                d_in = torch.where(drop_all[:, None], torch.full_like(d, self.null_code), d)
-                keep = (~drop_all).float()
-        h = self.transformer(self.embed(y, c, d_in))                                     # (B, L, D)
+        self.check_labels(y, len(d))
         terms = {}
-        if self.has_discrete:
-            logits = self.logits(h[:, :N])                                               # (B, N, K)
-            ce = F.cross_entropy(logits.flatten(0, 1).float(), d.flatten(), reduction="none").view(B, N)
-            terms["ce"] = (ce * keep[:, None]).sum() / (keep.sum() * N).clamp_min(1)
-        if self.has_continuous:
-            z = h[:, self.n_discrete:].reshape(B * N, -1)                                # (B*N, D)
-            target = c.reshape(B * N, -1)                                                # (B*N, C)
-            mul = self.cfg.diffusion_batch_mul  # every condition gets `mul` independent (t, noise) draws
-            terms["diffusion"] = self.diffusion.loss(self.diffusion_head, target.repeat(mul, 1), z.repeat(mul, 1),
-                                                     generator)
+        if hasattr(self, "prior"):
+            terms["ce"] = self.prior(y, d, generator)
+        if hasattr(self, "continuous"):
+            terms["diffusion"] = self.continuous(c, d if self.cfg.mode == "discon" else None, y, generator)
         terms["loss"] = sum(terms.values())
         return terms
 
@@ -718,94 +874,53 @@ class DisCon(nn.Module):
 
     @torch.no_grad()
     def generate(self, y, guidance=None, guidance_continuous=None, temperature=1.0, top_k=0, diffusion_steps=None,
-                 generator=None, use_kv_cache=True, codes=None, temperature_continuous=None):
-        """Sample images (B, 3, H, W) uint8 for labels y (B,): d token by token, then c token by token, then decode.
+                 generator=None, use_kv_cache=True, codes=None, temperature_continuous=None, sampling_steps=None,
+                 discrete_only=False):
+        """Sample images (B, 3, H, W) uint8 for labels y (B,): d from the prior, then c given d, then decode c.
 
         guidance: the classifier-free guidance scale of the discrete phase (on the logits) and, unless
-        guidance_continuous is given, of the continuous phase (on the head's eps); 1 means no guidance. When neither
-        is given, the config's scales are used (as for diffusion_steps).
+        guidance_continuous is given, of the continuous phase (on the head's eps, ramped from 1); 1 means no
+        guidance. When neither is given, the config's scales are used (as for diffusion_steps and sampling_steps).
         temperature: divides the logits and, unless temperature_continuous is given, scales the diffusion noise (MAR).
         temperature_continuous: the diffusion noise's scale alone (None: temperature); unused in discrete mode.
         top_k: 0 keeps every code.
-        use_kv_cache=False recomputes the whole prefix at every step: the slow path the tests compare against.
+        sampling_steps: K, the steps of the continuous model (None: the config's).
+        use_kv_cache=False recomputes the prior's prefix at every step: the slow path the tests compare against.
         codes: "discon" mode only, a discrete grid (B, h, w) to condition on instead of sampling d: p(c | d, y) alone.
+        discrete_only: "discon" mode only, decode d's codebook vectors instead of sampling c: the `discrete` baseline
+        on this model's prior, with the d that the same generator seed gives DisCon.
         """
         self.check_labels(y)
         temperature_continuous = temperature if temperature_continuous is None else temperature_continuous
         if min(temperature, temperature_continuous) <= 0:
             raise ValueError(f"temperature and temperature_continuous must be > 0, got {temperature} and "
                              f"{temperature_continuous}")
-        g = self.tokenizer.cfg.grid_size
-        if codes is not None and (self.cfg.mode != "discon" or tuple(codes.shape) != (len(y), g, g)):
+        g, mode = self.tokenizer.cfg.grid_size, self.cfg.mode
+        if codes is not None and (mode != "discon" or tuple(codes.shape) != (len(y), g, g)):
             raise ValueError(f"codes must be a (B, {g}, {g}) grid for a discon-mode model, got {tuple(codes.shape)} "
-                             f"in mode {self.cfg.mode!r}")
+                             f"in mode {mode!r}")
+        if discrete_only and mode != "discon":
+            raise ValueError(f"discrete_only decodes the prior's d of a discon-mode model, this one is {mode!r}")
         if guidance_continuous is None:
             guidance_continuous = self.cfg.guidance_continuous if guidance is None else guidance
         guidance = self.cfg.guidance if guidance is None else guidance
         was_training = self.training
         self.eval()
-        B, N, n = len(y), self.num_tokens, self.n_discrete
-        device, dtype = self.class_embed.weight.device, self.class_embed.weight.dtype
-        d = torch.zeros(B, N, dtype=torch.long, device=device) if codes is None else codes.flatten(1).to(device)
-        c = torch.zeros(B, N, self.tokenizer.cfg.latent_channels, dtype=dtype, device=device)
-        first = 0 if codes is None else n  # given codes: the discrete phase is skipped
-
-        for pos in range(first, self.transformer.block_size):  # the output at `pos` predicts token pos + 1
-            continuous = pos >= n
-            if pos in (first, n):  # a phase starts: the rows it runs, and a KV cache of its own
-                scale = guidance_continuous if continuous else guidance
-                labels, d_in, c_in = y, d, c
-                if scale != 1:  # rows [B:] are the unconditional branch; in the continuous phase it loses d too
-                    labels = torch.cat([y, torch.full_like(y, self.null_class)])
-                    d_in = torch.cat([d, torch.full_like(d, self.null_code) if continuous else d])
-                    c_in = torch.cat([c, c])
-                    d, c = d_in[:B], c_in[:B]  # views: what the conditional rows sample is the result
-                cache, cached = (self.transformer.new_cache(), 0) if use_kv_cache else (None, 0)
-            h = self.transformer(self.embed(labels, c_in, d_in, start=cached, end=pos + 1), cache)[:, -1]
-            cached = pos + 1 if use_kv_cache else 0                                      # h: (rows, D)
-            if not continuous:
-                token = self.sample_token(self.logits(h).float(), scale, temperature, top_k, generator)   # (B,)
-                d_in[:, pos] = token.repeat(len(labels) // B)
-            else:
-                latent = self.sample_latent(h, scale, temperature_continuous, diffusion_steps, generator)  # (B, C)
-                c_in[:, pos - n] = latent.repeat(len(labels) // B, 1)
-
-        if self.cfg.mode == "discrete":
+        B = len(y)
+        d = None
+        if codes is not None:
+            d = codes.flatten(1).to(y.device)
+        elif hasattr(self, "prior"):
+            d = self.prior.sample(y, guidance, temperature, top_k, generator, use_kv_cache)   # (B, N)
+        if mode == "discrete" or discrete_only:
             images = self.tokenizer.decode_codes(d.view(B, g, g))
         else:
+            steps = self.cfg.sampling_steps if sampling_steps is None else sampling_steps
+            c = self.continuous.sample(y, d if mode == "discon" else None, guidance_continuous, temperature_continuous,
+                                       steps, diffusion_steps, generator)               # (B, N, C)
             images = self.tokenizer.decode(c.transpose(1, 2).reshape(B, -1, g, g))
         self.train(was_training)
         return to_uint8(images)
-
-    def sample_token(self, logits, guidance, temperature, top_k, generator):
-        """One discrete token per image from logits (B, K), or with guidance (2B, K): conditional rows first."""
-        if guidance != 1:
-            logits = classifier_free_guidance(*logits.chunk(2), guidance)
-        logits = logits / temperature
-        if top_k:
-            kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
-            logits = logits.masked_fill(logits < kth, float("-inf"))
-        return torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator).squeeze(1)   # (B,)
-
-    def sample_latent(self, z, guidance, temperature, steps, generator):
-        """One continuous token per image: the head's reverse chain conditioned on z (B, D), or with guidance (2B, D)."""
-        head = self.diffusion_head
-        dtype = self.class_embed.weight.dtype
-        # The chain, the head's eps included, runs in the weights' precision even under autocast: at large t the step
-        # multiplies eps by up to 1 / sqrt(abar) (about 2e4 at t = 999), which would magnify bf16 rounding.
-        with torch.autocast(z.device.type, enabled=False):
-            z_embedded = head.cond_embed(z.to(dtype))  # the part of the head's condition fixed for the chain: once
-
-            def eps_fn(x_t, t):  # one head call per diffusion step for the whole batch (both halves when guided)
-                cond = head.embed_time(t[:1]) + z_embedded  # every row is at the same timestep
-                if guidance == 1:
-                    return head.predict(x_t, cond)
-                return classifier_free_guidance(*head.predict(torch.cat([x_t, x_t]), cond).chunk(2), guidance)
-
-            shape = (len(z) // 2 if guidance != 1 else len(z), self.tokenizer.cfg.latent_channels)
-            steps = self.cfg.diffusion_steps if steps is None else steps
-            return self.diffusion.sample(eps_fn, shape, steps, temperature, generator, z.device, dtype,
-                                         clip_x0=self.cfg.clip_latent)
 
 
 def build_model(tokenizer_config, model_config):

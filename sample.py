@@ -54,11 +54,17 @@ def make_parser():
                                                                                 "0 = from every code")
     p.add_argument("--diffusion-steps", type=positive(int), default=None,
                    help="respaced reverse diffusion steps per continuous token (None: the model config's)")
+    p.add_argument("--sampling-steps", type=positive(int), default=None,
+                   help="K, the continuous model's steps, each revealing several tokens (None: the model config's)")
     p.add_argument("--seed", type=positive(int, zero=True), default=0, help="with the batch index, seeds each batch")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of their EMA")
     p.add_argument("--real-codes", action="store_true",
                    help="discon mode: condition on the discrete grids (and labels) of --num-images training images "
                         "(a seeded, class-balanced subset) instead of sampling d: p(c | d, y) alone")
+    p.add_argument("--discrete-only", action="store_true",
+                   help="discon mode: decode the sampled d's codebook vectors instead of sampling c: the `discrete` "
+                        "baseline on this model's own prior, with the same d as the DisCon samples of the same --seed "
+                        "and --batch-size")
     p.add_argument("--save-pngs", action="store_true", help="also write one PNG per image")
     p.add_argument("--fid-ref", default="", help="reference statistics .npz (fid.py --save-stats) for FID; empty: "
                                                   "no FID")
@@ -95,6 +101,11 @@ def generate(args, rank, world, device):
     if args.diffusion_steps and args.diffusion_steps > model.cfg.num_timesteps:
         fail(f"--diffusion-steps {args.diffusion_steps} is more than the model's {model.cfg.num_timesteps} timesteps")
 
+    if args.discrete_only and (model.cfg.mode != "discon" or args.real_codes):
+        fail("--discrete-only decodes the sampled d of a discon-mode model: "
+             + (f"this one is {model.cfg.mode!r}" if model.cfg.mode != "discon" else "leave out --real-codes"))
+    if args.sampling_steps and args.sampling_steps > model.num_tokens:
+        fail(f"--sampling-steps {args.sampling_steps} is more than the model's {model.num_tokens} tokens")
     real_images = None
     if args.real_codes:  # the training images whose discrete grids condition the continuous stage
         if model.cfg.mode != "discon":
@@ -124,7 +135,8 @@ def generate(args, rank, world, device):
         with autocast:
             images = model.generate(y, args.guidance, args.guidance_continuous, temperature=args.temperature,
                                     top_k=args.top_k, diffusion_steps=args.diffusion_steps, generator=generator,
-                                    codes=codes, temperature_continuous=args.temperature_continuous)
+                                    codes=codes, temperature_continuous=args.temperature_continuous,
+                                    sampling_steps=args.sampling_steps, discrete_only=args.discrete_only)
         mine.append((b, images.permute(0, 2, 3, 1).cpu().numpy()))                     # (B, H, W, 3) uint8
     if world > 1:  # every process's batches to rank 0 only (50k images of 64x64 are 614 MB)
         gathered = [None] * world if rank == 0 else None
@@ -158,7 +170,8 @@ def generate(args, rank, world, device):
         temperature_continuous = args.temperature_continuous or args.temperature  # None: as --temperature (> 0)
         print0(f"FID {score:.3f} ({n} samples vs {args.fid_ref}, fid.py mode={args.fid_mode}, guidance {guidance} "
                f"(discrete) / {guidance_continuous} (continuous), temperature {args.temperature} (discrete) / "
-               f"{temperature_continuous} (continuous), {'raw' if args.no_ema else 'EMA'} weights)")
+               f"{temperature_continuous} (continuous), {args.sampling_steps or cfg.sampling_steps} sampling steps, "
+               f"{'decoded d' if args.discrete_only else 'decoded c'}, {'raw' if args.no_ema else 'EMA'} weights)")
 
 
 def training_images(ckpt, n):

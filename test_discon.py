@@ -81,61 +81,78 @@ def transformer_outputs(model):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Transformer
+# Transformer: causal for the prior, bidirectional for the continuous model
+
+
+def tiny_transformer(causal=True, block_size=10):
+    torch.manual_seed(0)
+    return discon.Transformer(DisConConfig(**TINY_MODEL), block_size, causal)
 
 
 def test_transformer_is_causal():
-    model = tiny_model()
-    x = torch.randn(2, model.transformer.block_size, 32)
+    transformer = tiny_transformer()
+    x = torch.randn(2, transformer.block_size, 32)
     i = 5
     changed = x.clone()
     changed[:, i + 1:] = torch.randn_like(changed[:, i + 1:])
-    a, b = model.transformer(x), model.transformer(changed)
+    a, b = transformer(x), transformer(changed)
     torch.testing.assert_close(a[:, : i + 1], b[:, : i + 1], rtol=0, atol=1e-6)
     assert (a[:, i + 1:] - b[:, i + 1:]).abs().max() > 1e-3
 
 
+def test_bidirectional_transformer_lets_every_position_see_every_other():
+    transformer = tiny_transformer(causal=False)
+    x = torch.randn(2, transformer.block_size, 32)
+    changed = x.clone()
+    changed[:, -1] = torch.randn_like(changed[:, -1])          # the last position moves every output, the first too
+    assert (transformer(changed) - transformer(x)).abs().amax(-1).min() > 1e-4
+    with pytest.raises(ValueError, match="no KV cache"):
+        transformer.new_cache()
+
+
 def test_kv_cache_matches_full_forward():
-    model = tiny_model()
-    L = model.transformer.block_size
+    transformer = tiny_transformer()
+    L = transformer.block_size
     x = torch.randn(3, L, 32)
-    full = model.transformer(x)
-    cache = model.transformer.new_cache()
-    prefill = model.transformer(x[:, :7], cache)               # several positions at once, then one at a time
-    steps = [model.transformer(x[:, i: i + 1], cache) for i in range(7, L)]
+    full = transformer(x)
+    cache = transformer.new_cache()
+    prefill = transformer(x[:, :4], cache)                     # several positions at once, then one at a time
+    steps = [transformer(x[:, i: i + 1], cache) for i in range(4, L)]
     torch.testing.assert_close(torch.cat([prefill] + steps, dim=1), full, rtol=0, atol=1e-5)
 
 
 def test_kv_cache_accepts_several_new_positions_after_a_prefix():
-    model = tiny_model()
-    L = model.transformer.block_size
+    transformer = tiny_transformer()
+    L = transformer.block_size
     x = torch.randn(2, L, 32)
-    full = model.transformer(x)
-    cache = model.transformer.new_cache()
-    chunks = [model.transformer(x[:, a:b], cache) for a, b in [(0, 5), (5, 9), (9, 10), (10, L)]]
+    full = transformer(x)
+    cache = transformer.new_cache()
+    chunks = [transformer(x[:, a:b], cache) for a, b in [(0, 3), (3, 7), (7, 8), (8, L)]]
     torch.testing.assert_close(torch.cat(chunks, dim=1), full, rtol=0, atol=1e-5)
 
 
-def test_causal_attention_matches_a_slow_loop_over_positions():
+@pytest.mark.parametrize("causal", [True, False])
+def test_attention_matches_a_slow_loop_over_positions(causal):
     torch.manual_seed(0)
-    attn = discon.CausalSelfAttention(DisConConfig(n_head=2, n_embd=8), layer=0)
+    attn = discon.SelfAttention(DisConConfig(n_head=2, n_embd=8), layer=0, causal=causal)
     x = torch.randn(2, 5, 8)
     q, k, v = attn.qkv(x).detach().split(8, dim=2)            # (B, T, D) each; head h owns channels 4h .. 4h + 3
     out = torch.zeros(2, 5, 8)
     for b in range(2):
         for h in range(2):
             s = slice(4 * h, 4 * h + 4)
-            for i in range(5):                                # position i attends to positions 0 .. i
-                scores = torch.stack([q[b, i, s] @ k[b, j, s] / math.sqrt(4) for j in range(i + 1)])
+            for i in range(5):                                # causal: position i attends to positions 0 .. i only
+                seen = range(i + 1) if causal else range(5)
+                scores = torch.stack([q[b, i, s] @ k[b, j, s] / math.sqrt(4) for j in seen])
                 weights = torch.softmax(scores, dim=0)
-                out[b, i, s] = sum(weights[j] * v[b, j, s] for j in range(i + 1))
+                out[b, i, s] = sum(w * v[b, j, s] for w, j in zip(weights, seen))
     torch.testing.assert_close(attn(x), attn.proj(out), rtol=0, atol=1e-6)
 
 
-def test_causal_attention_drops_attention_weights_in_training_only():
+def test_attention_drops_attention_weights_in_training_only():
     torch.manual_seed(0)
-    attn = discon.CausalSelfAttention(DisConConfig(n_head=2, n_embd=8, dropout=0.5), layer=0)
-    without_dropout = discon.CausalSelfAttention(DisConConfig(n_head=2, n_embd=8, dropout=0.0), layer=0)
+    attn = discon.SelfAttention(DisConConfig(n_head=2, n_embd=8, dropout=0.5), layer=0)
+    without_dropout = discon.SelfAttention(DisConConfig(n_head=2, n_embd=8, dropout=0.0), layer=0)
     without_dropout.load_state_dict(attn.state_dict())
     x = torch.randn(2, 5, 8)
     assert torch.equal(attn.eval()(x), without_dropout(x))
@@ -143,53 +160,21 @@ def test_causal_attention_drops_attention_weights_in_training_only():
 
 
 def test_transformer_rejects_sequences_longer_than_its_block_size():
-    model = tiny_model()
+    transformer = tiny_transformer()
     with pytest.raises(ValueError, match="block size"):
-        model.transformer(torch.randn(1, model.transformer.block_size + 1, 32))
+        transformer(torch.randn(1, transformer.block_size + 1, 32))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# The DisCon sequence
+# The discrete prior p(d | y): the causal sequence [y, d_1 .. d_N]
 
 
-def test_condition_of_c_i_sees_all_of_d_and_only_earlier_c():
-    model = tiny_model().eval()
-    c, d = model.tokens(model.tokenizer.encode(images(2)))
-    y = torch.tensor([1, 2])
-    N, i = model.num_tokens, 6                       # the output at position N + i - 1 predicts c_i (1-based)
-    h = model.transformer(model.embed(y, c, d))
-    c2 = c.clone()
-    c2[:, i - 1:] += 1.0                             # change c_i .. c_N: the condition of c_i must not move
-    h2 = model.transformer(model.embed(y, c2, d))
-    torch.testing.assert_close(h2[:, : N + i], h[:, : N + i], rtol=0, atol=1e-6)
-    d2 = d.clone()
-    d2[:, -1] = (d2[:, -1] + 1) % model.tokenizer.cfg.codebook_size   # change d_N: every c condition must move
-    h3 = model.transformer(model.embed(y, c, d2))
-    assert (h3[:, N:] - h[:, N:]).abs().amax(dim=-1).min() > 1e-4
-
-
-def test_condition_of_c_i_carries_its_aligned_discrete_token():
-    model = tiny_model().eval()
-    c, d = model.tokens(model.tokenizer.encode(images(2)))
-    y = torch.tensor([1, 2])
-    N, i = model.num_tokens, 3
-    d2 = d.clone()
-    d2[:, i - 1] = (d2[:, i - 1] + 1) % model.tokenizer.cfg.codebook_size  # change d_i only
-    x, x2 = model.embed(y, c, d), model.embed(y, c, d2)
-    delta = (x2 - x).abs().amax(dim=-1)                                   # (B, L): which inputs changed
-    assert (delta[:, [i, N + i - 1]] > 0).all()                           # d_i's own position, and c_i's condition
-    delta[:, [i, N + i - 1]] = 0
-    assert (delta == 0).all()
-
-
-def test_continuous_and_discrete_modes_drop_the_other_half_of_the_sequence():
-    N = tiny_model().num_tokens
-    assert tiny_model("discon").transformer.block_size == 2 * N
-    for mode in ("continuous", "discrete"):
+def test_the_three_modes_hold_the_prior_and_or_the_continuous_model():
+    for mode, parts in [("discon", {"prior", "continuous"}), ("continuous", {"continuous"}), ("discrete", {"prior"})]:
         model = tiny_model(mode)
-        assert model.transformer.block_size == N
-        assert hasattr(model, "diffusion_head") == (mode == "continuous")
-        assert hasattr(model, "logits") == (mode == "discrete")
+        assert {name for name in ("prior", "continuous") if hasattr(model, name)} == parts
+        assert len(model.parts()) == len(parts)
+    assert tiny_model("discon").continuous.conditioned and not tiny_model("continuous").continuous.conditioned
 
 
 def test_sequence_tokens_are_the_grids_in_raster_order():
@@ -203,100 +188,184 @@ def test_sequence_tokens_are_the_grids_in_raster_order():
             assert torch.equal(d_tokens[:, row * g + col], d[:, row, col])
 
 
-@pytest.mark.parametrize("mode", discon.MODES)
-def test_sequence_embedding_is_class_then_codes_then_latents(mode):
-    model = tiny_model(mode).eval()
-    c, d = model.tokens(model.tokenizer.encode(images(2)))
-    y = torch.tensor([1, 2])
-    N, L = model.num_tokens, model.transformer.block_size
-    parts = [model.class_embed(y)[:, None]]                           # position 0: the class
-    parts += [model.token_embed(d)] if mode != "continuous" else []   # then d_1 .. d_N
-    parts += [model.latent_proj(c)] if mode != "discrete" else []     # then c_1 .. c_N
-    expected = torch.cat(parts, dim=1)[:, :L]                         # the last token is never an input
-    if mode == "discon":
-        expected[:, N:] += model.align_embed(d)                       # the position that predicts c_i carries d_i
-    full = model.embed(y, c, d)
-    torch.testing.assert_close(full, expected, rtol=0, atol=1e-6)
-    for start, end in [(0, 1), (0, 5), (3, L // 2 + 2), (L // 2 - 1, L // 2 + 1), (L // 2, L // 2 + 1), (L - 3, L)]:
-        torch.testing.assert_close(model.embed(y, c, d, start, end), full[:, start:end], rtol=0, atol=1e-6)  # sampling
+def test_prior_sequence_is_the_class_then_the_codes_without_the_last():
+    prior = tiny_model("discrete").prior
+    d, y = torch.randint(0, 32, (2, prior.num_tokens)), torch.tensor([1, 2])
+    expected = torch.cat([prior.class_embed(y)[:, None], prior.token_embed(d[:, :-1])], dim=1)
+    full = prior.embed(y, d)
+    torch.testing.assert_close(full, expected, rtol=0, atol=0)
+    N = prior.num_tokens
+    for start, end in [(0, 1), (0, 5), (3, 9), (N - 1, N), (5, 6)]:       # the positions sampling embeds
+        torch.testing.assert_close(prior.embed(y, d, start, end), full[:, start:end], rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("mode", ["discon", "discrete"])
-def test_sequence_cross_entropy_predicts_d_i_from_the_output_before_it(mode):
-    model = tiny_model(mode, label_drop=0.0)
-    c, d = model.tokenizer.encode(images(3))
-    outputs = transformer_outputs(model)
-    terms = model((c, d), torch.tensor([0, 1, 2]))
-    h, N = outputs[0], model.num_tokens
-    expected = F.cross_entropy(model.logits(h[:, :N]).flatten(0, 1), d.flatten())  # output j predicts d_(j+1)
-    torch.testing.assert_close(terms["ce"], expected)
+def test_prior_cross_entropy_predicts_d_i_from_the_output_before_it():
+    prior = tiny_model("discrete", label_drop=0.0).prior
+    d, y = torch.randint(0, 32, (3, prior.num_tokens)), torch.tensor([0, 1, 2])
+    h = prior.transformer(prior.embed(y, d))                             # output j predicts d_(j+1)
+    torch.testing.assert_close(prior(y, d), F.cross_entropy(prior.logits(h).flatten(0, 1), d.flatten()))
 
 
-@pytest.mark.parametrize("mode", ["discon", "continuous"])
-def test_sequence_diffusion_loss_pairs_c_i_with_the_output_before_it(mode):
-    model = tiny_model(mode, label_drop=0.0)
-    c, d = model.tokenizer.encode(images(3))
-    outputs, given = transformer_outputs(model), spy(model.diffusion, "loss")
-    model((c, d), torch.tensor([0, 1, 2]))
-    x0, cond = given[0]["x0"], given[0]["cond"]                  # (M, C), (M, D): the rows the head is trained on
-    tokens = model.tokens((c, d))[0].flatten(0, 1)              # (B*N, C): c_i of each image
-    conditions = outputs[0][:, model.n_discrete:].flatten(0, 1)  # (B*N, D): the outputs that must predict them
-    which = (x0[:, None] - tokens[None]).abs().amax(-1).argmin(1)  # the c_i that each training row holds
-    assert torch.equal(x0, tokens[which]) and torch.equal(cond, conditions[which])
-    mul = model.cfg.diffusion_batch_mul                          # and every c_i appears diffusion_batch_mul times
-    assert torch.equal(torch.bincount(which, minlength=len(tokens)), torch.full((len(tokens),), mul))
+def test_prior_label_dropout_replaces_the_class_by_the_null_class_at_its_rate():
+    prior = tiny_model("discrete", label_drop=0.2).prior.train()
+    d, y = torch.randint(0, 32, (2000, prior.num_tokens)), torch.randint(0, 10, (2000,))
+    shown = spy(prior, "embed")
+    prior(y, d, torch.Generator().manual_seed(0))
+    dropped = shown[0]["y"] == prior.null_class
+    assert abs(dropped.float().mean() - 0.2) < 0.05                       # 4.5 standard deviations
+    assert torch.equal(shown[0]["y"][~dropped], y[~dropped]) and torch.equal(shown[0]["d"], d)
+    prior.eval()(y, d)
+    assert torch.equal(shown[1]["y"], y)                                  # no dropout in eval mode
 
 
-# Label dropout (the training half of classifier-free guidance): the class and grid each training row is shown.
+def test_prior_sampling_with_kv_cache_equals_the_slow_path():
+    prior = tiny_model("discrete").double().prior
+    with torch.no_grad():
+        for p in prior.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    y = torch.tensor([1, 4, 7])
+    for guidance in (1.0, 2.0):
+        fast = prior.sample(y, guidance, 1.0, 0, torch.Generator().manual_seed(0))
+        slow = prior.sample(y, guidance, 1.0, 0, torch.Generator().manual_seed(0), use_kv_cache=False)
+        assert torch.equal(fast, slow)
 
 
-def label_dropout_step(model, batch):
-    """One training step of `model` on random grids: what it was given, what the transformer was shown, its losses."""
-    g = model.tokenizer.cfg.grid_size
-    draw = torch.Generator().manual_seed(1)
-    c, d = torch.randn(batch, 4, g, g, generator=draw), torch.randint(0, 32, (batch, g, g), generator=draw)
-    y = torch.randint(0, 10, (batch,), generator=draw)
+def test_guided_prior_runs_the_unconditional_branch_in_the_second_half_of_the_rows():
+    prior = tiny_model("discrete").prior
+    calls = spy(prior, "embed")
+    d = prior.sample(torch.tensor([3, 7]), 2.0, 1.0, 0, torch.Generator().manual_seed(0))
+    assert len(calls) == prior.num_tokens                                 # one position per call, with the cache
+    for call in calls:
+        assert call["y"].tolist() == [3, 7, prior.null_class, prior.null_class]
+        assert torch.equal(call["d"][2:], call["d"][:2])                  # both halves see the same codes so far
+    assert torch.equal(calls[-1]["d"][:2, :-1], d[:, :-1])
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The continuous model p(c | d, y): bidirectional, masked, random order (MAR)
+
+
+def test_mask_ratio_follows_mars_truncated_normal():
+    draws = np.array([discon.mask_ratio(torch.Generator().manual_seed(i)) for i in range(4000)])
+    assert draws.min() >= 0.7 and draws.max() <= 1.0
+    grid = np.linspace(0.7, 1.0, 7)
+    density = scipy.stats.truncnorm((0.7 - 1.0) / 0.25, 0.0, loc=1.0, scale=0.25)   # MAR's own definition
+    empirical = (draws[:, None] <= grid[None]).mean(0)
+    assert np.abs(empirical - density.cdf(grid)).max() < 0.03                         # Kolmogorov-Smirnov, 4000 draws
+
+
+@pytest.mark.parametrize("N", [1, 2, 5, 16, 64])
+def test_reveal_schedule_reveals_every_token_once_at_least_one_per_step(N):
+    for K in range(1, N + 1):
+        counts = discon.reveal_schedule(N, K)
+        assert len(counts) == K and sum(counts) == N and min(counts) >= 1
+    assert discon.reveal_schedule(N, 1) == [N] and discon.reveal_schedule(N, N) == [1] * N
+    with pytest.raises(ValueError, match="sampling_steps must be in"):
+        discon.reveal_schedule(N, N + 1)
+
+
+def test_reveal_schedule_follows_the_cosine():
+    # after step k of K, floor(N cos(pi/2 (k+1)/K)) tokens stay masked (MAR), here N = 64, K = 8
+    counts = discon.reveal_schedule(64, 8)
+    left = 64 - np.cumsum(counts)
+    assert left.tolist() == [math.floor(64 * math.cos(math.pi / 2 * (k + 1) / 8)) for k in range(7)] + [0]
+
+
+def test_continuous_input_is_the_class_then_known_latents_or_the_mask_token_plus_the_codes():
+    model = tiny_model("discon").continuous
+    N = model.num_tokens
+    c, d, y = torch.randn(2, N, 4), torch.randint(0, 32, (2, N)), torch.tensor([1, 2])
+    known = torch.rand(2, N, generator=torch.Generator().manual_seed(0)) < 0.5
+    x = model.embed(y, c, d, known)
+    for b in range(2):
+        torch.testing.assert_close(x[b, 0], model.class_embed(y)[b])
+        for i in range(N):
+            content = model.latent_proj(c[b, i]) if known[b, i] else model.mask_token
+            torch.testing.assert_close(x[b, 1 + i], content + model.code_embed(d[b, i]))
+    unconditioned = tiny_model("continuous").continuous
+    assert torch.equal(unconditioned.embed(y, c, None, known)[:, 1:][~known],
+                       unconditioned.mask_token.expand(int((~known).sum()), -1))
+
+
+def test_continuous_loss_trains_the_head_on_the_masked_positions_given_the_others():
+    model = tiny_model("discon", label_drop=0.0, diffusion_batch_mul=2).continuous
+    N = model.num_tokens
+    c, d, y = torch.randn(3, N, 4), torch.randint(0, 32, (3, N)), torch.tensor([0, 1, 2])
+    inputs, given = spy(model, "embed"), spy(model.diffusion, "loss")
+    model(c, d, y, torch.Generator().manual_seed(0))
+    known = inputs[0]["known"]                                         # (B, N)
+    n = int((~known[0]).sum())
+    assert ((~known).sum(1) == n).all() and math.ceil(0.7 * N) <= n <= N  # one ratio per batch, at least 0.7
+    assert torch.equal(inputs[0]["c"], c) and torch.equal(inputs[0]["d"], d)
+    h = model.transformer(model.embed(y, c, d, known))[:, 1:]
+    x0, cond = given[0]["x0"], given[0]["cond"]                        # (mul B n, C), (mul B n, D)
+    assert len(x0) == 2 * 3 * n
+    for row in range(3 * n):                                           # each row: a masked c_i and its own output
+        b, i = [(b, i) for b in range(3) for i in range(N) if torch.equal(c[b, i], x0[row])][0]
+        assert not known[b, i]
+        torch.testing.assert_close(cond[row], h[b, i], rtol=0, atol=1e-6)
+        assert torch.equal(x0[row + 3 * n], x0[row])                    # and again for the second noise draw
+
+
+def test_continuous_label_dropout_drops_the_whole_condition_at_its_rate():
+    model = tiny_model("discon", label_drop=0.2, diffusion_batch_mul=1).continuous.train()
+    N = model.num_tokens
+    c, d, y = torch.randn(2000, N, 4), torch.randint(0, 32, (2000, N)), torch.randint(0, 10, (2000,))
     shown = spy(model, "embed")
-    terms = model((c, d), y, torch.Generator().manual_seed(0))
-    return types.SimpleNamespace(y=y, d=d.flatten(1), y_shown=shown[0]["y"], d_shown=shown[0]["d"], terms=terms)
+    model(c, d, y, torch.Generator().manual_seed(0))
+    dropped = shown[0]["y"] == model.null_class
+    assert abs(dropped.float().mean() - 0.2) < 0.05
+    assert (shown[0]["d"][dropped] == model.null_code).all()             # class and grid together
+    assert torch.equal(shown[0]["d"][~dropped], d[~dropped]) and torch.equal(shown[0]["y"][~dropped], y[~dropped])
 
 
-@pytest.mark.parametrize("mode", discon.MODES)
-def test_label_dropout_replaces_the_class_by_the_null_class_at_its_rate(mode):
-    model = tiny_model(mode, label_drop=0.2, diffusion_batch_mul=1).train()
-    step = label_dropout_step(model, 2000)
-    dropped = step.y_shown == model.null_class
-    rate = 2 * 0.2 if mode == "discon" else 0.2   # discon: p of the rows lose the class alone, p the whole condition
-    assert abs(dropped.float().mean() - rate) < 0.05                 # 4.5 standard deviations
-    assert torch.equal(step.y_shown[~dropped], step.y[~dropped])
+def slow_continuous_sample(model, y, d, guidance, steps, seed):
+    """The continuous sampler written as a loop over images and positions: which token each step reveals, and the
+    transformer output that conditions it, recomputed from the tokens revealed before."""
+    B, N, C = len(y), model.num_tokens, model.channels
+    g = torch.Generator().manual_seed(seed)
+    order = torch.rand(B, N, generator=g).argsort(1)
+    c, known = torch.zeros(B, N, C, dtype=torch.float64), torch.zeros(B, N, dtype=torch.bool)
+    start = 0
+    for count in discon.reveal_schedule(N, steps):
+        scale = 1 + (guidance - 1) * (start + count) / N
+        conds = []
+        for b in range(B):
+            h = model.transformer(model.embed(y[b:b + 1], c[b:b + 1], d[b:b + 1], known[b:b + 1]))[0, 1:]
+            h_uncond = model.transformer(model.embed(torch.tensor([model.null_class]), c[b:b + 1],
+                                                     torch.full_like(d[b:b + 1], model.null_code), known[b:b + 1]))[0, 1:]
+            conds.append((h[order[b, start:start + count]], h_uncond[order[b, start:start + count]]))
+        z = torch.cat([torch.cat([cond for cond, _ in conds]), torch.cat([uncond for _, uncond in conds])])
+        latent = model.sample_latent(z, scale, 1.0, 4, g).view(B, count, C)
+        for b in range(B):
+            for j, i in enumerate(order[b, start:start + count]):
+                assert not known[b, i]
+                c[b, i], known[b, i] = latent[b, j], True
+        start += count
+    return c
 
 
-@pytest.mark.parametrize("mode", ["discon", "discrete"])
-def test_label_dropout_replaces_the_whole_grid_by_null_codes_in_discon_mode_only(mode):
-    model = tiny_model(mode, label_drop=0.2, diffusion_batch_mul=1).train()
-    step = label_dropout_step(model, 2000)
-    null = step.d_shown == model.null_code                          # (B, N)
-    grid_dropped = null.all(1)
-    assert torch.equal(null.any(1), grid_dropped)                    # a grid is dropped whole or not at all
-    assert torch.equal(step.d_shown[~grid_dropped], step.d[~grid_dropped])
-    assert abs(grid_dropped.float().mean() - (0.2 if mode == "discon" else 0.0)) < 0.05
-    assert (step.y_shown[grid_dropped] == model.null_class).all()    # and always together with the class
+@pytest.mark.parametrize("steps", [1, 3, 16])
+def test_continuous_sampling_equals_a_slow_loop_and_samples_every_token_once(steps):
+    model = tiny_model("discon").double().continuous
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    y, d = torch.tensor([1, 4]), torch.randint(0, 32, (2, model.num_tokens))
+    revealed = spy(model, "sample_latent")
+    fast = model.sample(y, d, 2.0, 1.0, steps, 4, torch.Generator().manual_seed(0))
+    assert sum(len(call["z"]) for call in revealed) == 2 * 2 * model.num_tokens  # guided: each token once, two rows
+    del model.sample_latent
+    torch.testing.assert_close(fast, slow_continuous_sample(model, y, d, 2.0, steps, 0), rtol=0, atol=1e-9)
 
 
-def test_label_dropout_is_off_in_eval_mode():
-    step = label_dropout_step(tiny_model("discon", label_drop=0.45).eval(), 64)
-    assert torch.equal(step.y_shown, step.y) and torch.equal(step.d_shown, step.d)
-
-
-def test_label_dropout_rows_without_their_grid_add_no_cross_entropy():
-    # such a row has no real d to predict: the mean runs over the tokens of the other rows only
-    model = tiny_model("discon", label_drop=0.25).train()
-    outputs = transformer_outputs(model)
-    step = label_dropout_step(model, 64)
-    kept = (step.d_shown != model.null_code).all(1)
-    assert 0 < kept.sum() < 64
-    logits = model.logits(outputs[0][kept, :model.num_tokens])       # (kept rows, N, K)
-    torch.testing.assert_close(step.terms["ce"], F.cross_entropy(logits.flatten(0, 1), step.d[kept].flatten()))
+def test_continuous_guidance_ramps_linearly_with_the_tokens_revealed():
+    model = tiny_model("discon").continuous
+    calls = spy(model, "sample_latent")
+    model.sample(torch.tensor([1, 2]), torch.randint(0, 32, (2, model.num_tokens)), 3.0, 1.0, 4, 2,
+                 torch.Generator().manual_seed(0))
+    revealed = np.cumsum(discon.reveal_schedule(model.num_tokens, 4))
+    assert [call["guidance"] for call in calls] == pytest.approx(list(1 + 2.0 * revealed / model.num_tokens))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -468,7 +537,7 @@ def test_guidance_scale_one_equals_the_conditional_prediction():
 def token_frequencies(logits, guidance=1.0, temperature=1.0, top_k=0, n=20000):
     """How often sample_token draws each code from `logits` (1, K), or with guidance (2, K): [conditional, unconditional]."""
     rows = torch.cat([row.expand(n, -1) for row in logits])
-    tokens = tiny_model("discrete").sample_token(rows, guidance, temperature, top_k, torch.Generator().manual_seed(0))
+    tokens = discon.sample_token(rows, guidance, temperature, top_k, torch.Generator().manual_seed(0))
     return torch.bincount(tokens, minlength=logits.shape[1]).double() / n
 
 
@@ -495,7 +564,7 @@ def test_token_sampling_top_k_keeps_exactly_the_k_largest_logits():
 
 
 def test_guided_latent_sampling_mixes_the_head_eps_of_the_two_halves():
-    model = tiny_model("discon").double()
+    model = tiny_model("discon").double().continuous
     with torch.no_grad():
         for p in model.diffusion_head.parameters():
             p.normal_(0, 0.2)                  # so that the head's eps depends on its condition
@@ -689,15 +758,17 @@ def test_model_rebuilds_from_its_saved_configs():
     torch.testing.assert_close(model(x, y, g1)["loss"], clone(x, y, g2)["loss"])
 
 
-def test_training_step_calls_the_diffusion_head_once_on_all_tokens():
+def test_diffusion_head_is_called_once_per_training_step_and_per_diffusion_step():
     model = tiny_model("discon").train()
-    calls, predict = [], model.diffusion_head.predict
-    model.diffusion_head.predict = lambda x_t, cond: calls.append(len(x_t)) or predict(x_t, cond)
-    model(images(3), torch.tensor([0, 1, 2]))
-    assert calls == [3 * model.num_tokens * model.cfg.diffusion_batch_mul]
+    head, calls = model.continuous.diffusion_head, []
+    predict = head.predict
+    head.predict = lambda x_t, cond: calls.append(len(x_t)) or predict(x_t, cond)
+    model(images(3), torch.tensor([0, 1, 2]), torch.Generator().manual_seed(0))
+    assert len(calls) == 1 and calls[0] % (3 * model.cfg.diffusion_batch_mul) == 0   # the masked tokens, all at once
     calls.clear()
-    model.generate(torch.tensor([0, 1, 2]), guidance=2.0, diffusion_steps=5)
-    assert calls == [2 * 3] * (5 * model.num_tokens)    # one call per diffusion step, for the whole (guided) batch
+    model.generate(torch.tensor([0, 1, 2]), guidance=2.0, diffusion_steps=5, sampling_steps=4)
+    counts = discon.reveal_schedule(model.num_tokens, 4)           # the tokens of each step share every head call
+    assert calls == [2 * 3 * count for count in counts for _ in range(5)]
 
 
 def test_building_the_model_leaves_the_trained_tokenizer_untouched():
@@ -774,18 +845,44 @@ def test_generate_returns_seeded_uint8_images(mode):
 def test_generate_gives_the_head_its_own_temperature():
     # --temperature divides the logits of d and, unless the continuous phase has its own, scales the head's noise.
     model, y = tiny_model("discon"), torch.tensor([0, 3])
-    tokens, latents = spy(model, "sample_token"), spy(model, "sample_latent")
+    tokens, latents = spy(model.prior, "sample"), spy(model.continuous, "sample")
     model.generate(y, guidance=1.0, temperature=0.7, generator=torch.Generator().manual_seed(0))
     model.generate(y, guidance=1.0, temperature=0.7, temperature_continuous=0.3,
                    generator=torch.Generator().manual_seed(0))
-    n = model.n_discrete
-    assert [call["temperature"] for call in tokens] == [0.7] * 2 * n
-    assert [call["temperature"] for call in latents] == [0.7] * n + [0.3] * n
+    assert [call["temperature"] for call in tokens] == [0.7, 0.7]
+    assert [call["temperature"] for call in latents] == [0.7, 0.3]
     with pytest.raises(ValueError, match="temperature and temperature_continuous must be > 0"):
         model.generate(y, temperature_continuous=0.0)
 
 
-@pytest.mark.parametrize("mode", discon.MODES)
+def test_discon_samples_d_from_the_prior_then_c_given_that_d_and_decodes_c():
+    model, y = tiny_model("discon"), torch.tensor([0, 3])
+    d = model.prior.sample(y, 2.0, 1.0, 0, torch.Generator().manual_seed(0))        # the prior draws first
+    sampled, sample = [], model.continuous.sample
+    model.continuous.sample = lambda *args: sampled.append((args, sample(*args))) or sampled[-1][1]
+    decoded = spy(model.tokenizer, "decode")
+    model.generate(y, guidance=2.0, guidance_continuous=1.5, sampling_steps=3, generator=torch.Generator().manual_seed(0))
+    (y_given, d_given, guidance, _, steps, *_), c = sampled[0]
+    assert torch.equal(d_given, d) and guidance == 1.5 and steps == 3
+    g = model.tokenizer.cfg.grid_size
+    assert torch.equal(decoded[0]["c"], c.transpose(1, 2).reshape(2, -1, g, g))   # c (B, N, C) back to its grid
+
+
+def test_discrete_only_decodes_the_same_d_that_discon_conditions_on():
+    # Paired sampling: for a seed, DisCon and its discrete-only view share d, so they differ only by the c stage.
+    model, y = tiny_model("discon"), torch.tensor([0, 3, 5])
+    continuous, decoded = spy(model.continuous, "sample"), spy(model.tokenizer, "decode_codes")
+    model.generate(y, generator=torch.Generator().manual_seed(4))
+    pair = model.generate(y, generator=torch.Generator().manual_seed(4), discrete_only=True)
+    g = model.tokenizer.cfg.grid_size
+    assert torch.equal(decoded[0]["d"].flatten(1), continuous[0]["d"]) and len(continuous) == 1
+    del model.tokenizer.decode_codes
+    assert torch.equal(pair, discon.to_uint8(model.tokenizer.decode_codes(continuous[0]["d"].view(3, g, g))))
+    with pytest.raises(ValueError, match="discrete_only decodes the prior's d of a discon-mode model"):
+        tiny_model("continuous").generate(y, discrete_only=True)
+
+
+@pytest.mark.parametrize("mode", ["discon", "discrete"])
 def test_generate_with_kv_cache_equals_the_slow_path(mode):
     # float64, so that the last-bit differences between the two paths can flip neither a sampled code nor a pixel
     model = tiny_model(mode).double()
@@ -798,17 +895,13 @@ def test_generate_with_kv_cache_equals_the_slow_path(mode):
     assert torch.equal(fast, slow)
 
 
-def test_generate_conditioned_on_given_codes_matches_the_slow_path_and_keeps_them():
-    model = tiny_model("discon").double()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    codes = model.tokenizer.encode(images(2).double())[1]
+def test_generate_conditioned_on_given_codes_keeps_them():
+    model = tiny_model("discon")
+    codes = model.tokenizer.encode(images(2))[1]
     y = torch.tensor([1, 4])
-    fast = model.generate(y, guidance=1.5, codes=codes, generator=torch.Generator().manual_seed(0))
-    slow = model.generate(y, guidance=1.5, codes=codes, generator=torch.Generator().manual_seed(0), use_kv_cache=False)
-    free = model.generate(y, guidance=1.5, generator=torch.Generator().manual_seed(0))
-    assert torch.equal(fast, slow) and not torch.equal(fast, free)
+    given, priors = spy(model.continuous, "sample"), spy(model.prior, "sample")
+    model.generate(y, guidance=1.5, codes=codes, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(given[0]["d"], codes.flatten(1)) and not priors          # no prior draw
     with pytest.raises(ValueError, match="codes must be"):
         tiny_model("continuous").generate(y, codes=codes)
 
@@ -833,39 +926,28 @@ def test_generate_under_bf16_autocast_decodes_its_latents_in_float32():
     assert torch.equal(out, expected)
 
 
-def embed_calls(model, y, **generate_kwargs):
-    """The arguments of every embed call while `model` generates for labels y (2 diffusion steps, seeded)."""
-    calls = spy(model, "embed")
-    model.generate(y, diffusion_steps=2, generator=torch.Generator().manual_seed(0), **generate_kwargs)
-    del model.embed
-    return calls
-
-
-def test_guided_generation_runs_the_unconditional_branch_in_the_second_half_of_the_rows():
-    model = tiny_model("discon")
-    N, B = model.num_tokens, 2
-    calls = embed_calls(model, torch.tensor([3, 7]), guidance=2.0)
-    assert len(calls) == 2 * N                                       # one per position, with the KV cache
-    for call in calls:
-        y, c, d, end = call["y"], call["c"], call["d"], call["end"]
-        assert y.tolist() == [3, 7, model.null_class, model.null_class]
-        assert torch.equal(c[B:], c[:B])                             # both halves see the latents sampled so far
-        if end <= N:                                                  # discrete phase: the codes sampled so far
-            assert torch.equal(d[B:, :end - 1], d[:B, :end - 1])
-        else:                                                         # continuous phase: null codes
-            assert (d[B:] == model.null_code).all()
-    sampled = calls[-1]["d"][:B]                                      # the continuous phase sees the sampled grid
-    assert torch.equal(sampled[:, :N - 1], calls[N - 1]["d"][:B, :N - 1]) and (sampled != model.null_code).all()
-
-
 def test_guided_generation_takes_one_guidance_scale_per_phase():
     model, y = tiny_model("discon"), torch.tensor([3, 7])
-    N = model.num_tokens
     for guidance, guidance_continuous in [(2.0, 1.0), (1.0, 2.0), (2.0, None)]:
-        rows = [len(call["y"]) for call in embed_calls(model, y, guidance=guidance,
-                                                          guidance_continuous=guidance_continuous)]
-        continuous = guidance if guidance_continuous is None else guidance_continuous
-        assert rows == [2 if guidance == 1 else 4] * N + [2 if continuous == 1 else 4] * N
+        priors, continuous = spy(model.prior, "sample"), spy(model.continuous, "sample")
+        model.generate(y, guidance=guidance, guidance_continuous=guidance_continuous, diffusion_steps=2,
+                       generator=torch.Generator().manual_seed(0))
+        expected = guidance if guidance_continuous is None else guidance_continuous
+        assert priors[0]["guidance"] == guidance and continuous[0]["guidance"] == expected
+        del model.prior.sample, model.continuous.sample
+
+
+def test_guided_continuous_phase_shows_the_unconditional_rows_a_null_class_and_null_codes():
+    model = tiny_model("discon").continuous
+    calls = spy(model, "embed")
+    d = torch.randint(0, 32, (2, model.num_tokens))
+    model.sample(torch.tensor([3, 7]), d, 2.0, 1.0, 4, 2, torch.Generator().manual_seed(0))
+    assert len(calls) == 4                                           # one transformer pass per step
+    for call in calls:
+        assert call["y"].tolist() == [3, 7, model.null_class, model.null_class]
+        assert torch.equal(call["d"][:2], d) and (call["d"][2:] == model.null_code).all()
+        assert torch.equal(call["c"][2:], call["c"][:2]) and torch.equal(call["known"][2:], call["known"][:2])
+    assert [int(call["known"][0].sum()) for call in calls] == [0, *np.cumsum(discon.reveal_schedule(16, 4))[:-1]]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -1256,7 +1338,8 @@ def test_cli_fid_against_own_saved_statistics_is_zero(tmp_path, capsys):
 REPO = os.path.dirname(os.path.abspath(__file__))
 TINY = ["--tokenizer.image_size", "16", "--tokenizer.base_channels", "8", "--tokenizer.latent_channels", "4",
         "--tokenizer.codebook_size", "32", "--n_layer", "1", "--n_head", "2", "--n_embd", "32", "--head_width", "32",
-        "--head_depth", "1", "--diffusion_steps", "4", "--batch_size", "8", "--log_every", "1", "--ckpt_every", "2",
+        "--head_depth", "1", "--diffusion_steps", "4", "--sampling_steps", "2", "--batch_size", "8", "--log_every", "1",
+        "--ckpt_every", "2",
         "--sample_every", "1000", "--tokenizer_steps", "4", "--model_steps", "4", "--model_lr", "2e-3"]
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
 
@@ -1522,10 +1605,12 @@ def test_weight_decay_only_on_linear_and_conv_matrices():
     decayed, not_decayed = {id(p) for p in decay["params"]}, {id(p) for p in no_decay["params"]}
     trainable = {id(p) for p in model.parameters() if p.requires_grad}
     assert decayed | not_decayed == trainable and not decayed & not_decayed  # the frozen tokenizer in neither
-    block = model.transformer.blocks[0]
-    for p in (model.class_embed.weight, model.transformer.position_embed.weight, block.norm1.weight, block.attn.qkv.bias):
+    prior, continuous = model.prior, model.continuous
+    block = continuous.transformer.blocks[0]
+    for p in (prior.class_embed.weight, prior.transformer.position_embed.weight, block.norm1.weight,
+              block.attn.qkv.bias, continuous.mask_token, continuous.code_embed.weight):
         assert id(p) in not_decayed
-    for p in (block.attn.qkv.weight, model.diffusion_head.time_embed[0].weight, model.logits.weight):
+    for p in (block.attn.qkv.weight, continuous.diffusion_head.time_embed[0].weight, prior.logits.weight):
         assert id(p) in decayed
     assert no_decay["weight_decay"] == 0 and decay["weight_decay"] == train.TrainConfig().weight_decay
 
@@ -1538,7 +1623,7 @@ def test_ema_averages_only_the_parameters_that_train():
         for p in list(model.parameters()):
             p.add_(1.0)
     train.update_ema(ema, model, step=0, decay=0.5)  # decay warms up to 0.1 at step 0: 0.9 of the way to the model
-    torch.testing.assert_close(ema.class_embed.weight, model.class_embed.weight - 0.1)
+    torch.testing.assert_close(ema.prior.class_embed.weight, model.prior.class_embed.weight - 0.1)
     for e, p in zip(ema.tokenizer.parameters(), frozen):
         assert torch.equal(e, p)  # the frozen tokenizer is not averaged (it only cost time)
 
@@ -1567,6 +1652,17 @@ def test_resume_after_a_kill_ends_with_the_same_weights(stage, tmp_path, monkeyp
         assert_same_weights(resumed["optimizer"]["state"][0], uninterrupted["optimizer"]["state"][0])
     steps = [(line["stage"], line["step"]) for line in map(json.loads, open(tmp_path / "log.jsonl"))]
     assert steps == [(1, 1), (1, 2), (1, 3), (1, 4), (2, 1), (2, 2), (2, 3), (2, 4)]  # step 3 logged once
+
+
+def test_the_prior_of_a_discon_model_trains_exactly_as_the_discrete_model(tmp_path, trained, fast_shapes):
+    # The two share their initial weights, batches, label dropout and gradient clip, so their priors stay equal.
+    for mode in ("discon", "discrete"):
+        train.main(TINY + ["--stage", "2", "--tokenizer", str(trained / "tokenizer.pt"), "--mode", mode,
+                           "--grad_clip", "0.05", "--out_dir", str(tmp_path / mode)])
+    discon_ckpt, discrete_ckpt = (load(tmp_path / mode / "model.pt") for mode in ("discon", "discrete"))
+    for weights in ("model", "ema"):
+        prior = {k: v for k, v in discon_ckpt[weights].items() if k.startswith("prior.")}
+        assert prior and all(torch.equal(v, discrete_ckpt[weights][k]) for k, v in prior.items())
 
 
 def test_deterministic_flag_turns_on_deterministic_kernels_and_changes_nothing_on_cpu(tmp_path, trained, monkeypatch,

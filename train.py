@@ -1,7 +1,7 @@
 """
 Train DisCon in two stages (README.md):
   stage 1: the tokenizer (continuous latent grid c and its quantised view d), then its per-channel latent statistics;
-  stage 2: the causal transformer, p(d | y) then p(c | d, y), on the frozen tokenizer.
+  stage 2: on the frozen tokenizer, the discrete prior p(d | y) and the continuous model p(c | d, y), side by side.
 The same script runs on a CPU, one GPU, or under torchrun (DDP is chosen from RANK / LOCAL_RANK / WORLD_SIZE):
   python train.py                                                # quick preset: built-in shapes, both stages, CPU ok
   python train.py --preset cifar10 --out_dir runs/cifar10         # one GPU
@@ -762,7 +762,10 @@ def train_stage(stage, model, data, train_cfg, config, rank, world, device):
                     terms = net(xi, generator=generator) if stage == 1 else net(xi, yi, generator=generator)
                 (terms["loss"] / train_cfg.grad_accum).backward()
             logged = logged + torch.stack([v.detach().float() for v in terms.values()]) / train_cfg.grad_accum
-        grad_norm = nn.utils.clip_grad_norm_(model.parameters(), train_cfg.grad_clip or float("inf"))
+        # Stage 2 clips the prior's and the continuous model's gradients each on its own, so that neither's norm
+        # scales the other's step: the prior of a `discon` model trains exactly as the `discrete` model of its seed.
+        grad_norm = torch.stack([nn.utils.clip_grad_norm_(part.parameters(), train_cfg.grad_clip or float("inf"))
+                                 for part in (model.parts() if stage == 2 else [model])]).max()
         # A non-finite loss gives a non-finite gradient norm (the same on every process) and non-finite weights from
         # then on. Reading the norm makes the host wait for the device, so it is read only at the steps that wait anyway
         # (log, checkpoint, preview): all processes stop together, before a bad checkpoint.
@@ -842,7 +845,11 @@ def main(argv=None):
                                          train_cfg.refit_codebook, generator=generator)
                 config["tokenizer"] = asdict(tokenizer.cfg)
             torch.manual_seed(train_cfg.seed)
-            train_stage(2, discon.DisCon(model_cfg, tokenizer), data, train_cfg, config, rank, world, device)
+            try:
+                model = discon.DisCon(model_cfg, tokenizer)
+            except ValueError as e:  # a field that only the tokenizer's grid bounds (sampling_steps)
+                fail(f"--{e}")
+            train_stage(2, model, data, train_cfg, config, rank, world, device)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
