@@ -68,6 +68,9 @@ def make_parser():
     p.add_argument("--save-pngs", action="store_true", help="also write one PNG per image")
     p.add_argument("--fid-ref", default="", help="reference statistics .npz (fid.py --save-stats) for FID; empty: "
                                                   "no FID")
+    p.add_argument("--save-fid-ref", default="",
+                   help="instead of sampling, write the FID reference statistics of 10,000 class-balanced training "
+                        "images of the checkpoint's dataset (in --fid-mode) to this .npz, for --fid-ref")
     p.add_argument("--fid-mode", default="pytorch-fid", choices=fid.MODES,
                    help="fid.py's preprocessing: the mode the reference statistics were made in (tf for published "
                         "numbers, README.md)")
@@ -89,6 +92,8 @@ def generate(args, rank, world, device):
     ckpt = load_checkpoint(args.checkpoint)
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)),
                                    "reconstructions" if ckpt["stage"] == 1 else "samples")
+    if args.save_fid_ref:
+        return save_reference(args, ckpt, device) if rank == 0 else None
     if rank == 0:  # the outputs and FID's inputs are checked before the work, not after it
         train.writable_or_fail(out, clean=True)
         args.inception = load_inception_or_fail(args) if args.fid_ref else None
@@ -188,6 +193,24 @@ def print_class_accuracy(images, labels, checkpoint, what):
     overall, per_class = train.class_accuracy(judge, images, labels)
     print0(f"class accuracy {100 * overall:.1f}% ({what}, {len(images)} images; per class: "
            + ", ".join(f"{name} {100 * a:.0f}%" for name, a in per_class.items()) + ")")
+
+
+def save_reference(args, ckpt, device, n=10_000):
+    """--save-fid-ref: the statistics that README's FID figures are measured against (about 15 min on 2 CPU cores)."""
+    if not args.save_fid_ref.endswith(".npz"):
+        fail(f"--save-fid-ref {args.save_fid_ref}: the statistics file must end in .npz")
+    train.writable_or_fail(os.path.dirname(os.path.abspath(args.save_fid_ref)))
+    try:
+        inception = fid.load_inception(args.fid_weights, device)
+    except (ValueError, RuntimeError, OSError) as e:
+        fail(f"--fid-weights: {e}")
+    images, _ = training_images(ckpt, n)
+    features = fid.compute_features(np.asarray(images), inception, args.fid_mode, device=device, progress=True)[0]
+    mu, sigma = fid.statistics_from_features(features)
+    atomic_write(args.save_fid_ref, lambda f: np.savez_compressed(f, mu=mu, sigma=sigma, mode=args.fid_mode,
+                                                                  num_images=len(features)))
+    print0(f"wrote the statistics of {len(features)} training images to {args.save_fid_ref} "
+           f"(fid.py mode={args.fid_mode}, weights {inception.weights_path})")
 
 
 def load_inception_or_fail(args):

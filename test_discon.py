@@ -230,6 +230,13 @@ def test_prior_sampling_with_kv_cache_equals_the_slow_path():
         assert torch.equal(fast, slow)
 
 
+def test_prior_sampling_passes_its_temperature_and_top_k_to_every_token(monkeypatch):
+    prior, calls = tiny_model("discrete").prior, []
+    monkeypatch.setattr(discon, "sample_token", lambda logits, *args: calls.append(args) or logits.argmax(1))
+    prior.sample(torch.tensor([3, 7]), 1.0, 0.5, 3, torch.Generator().manual_seed(0))
+    assert [args[:3] for args in calls] == [(1.0, 0.5, 3)] * prior.num_tokens
+
+
 def test_guided_prior_runs_the_unconditional_branch_in_the_second_half_of_the_rows():
     prior = tiny_model("discrete").prior
     calls = spy(prior, "embed")
@@ -317,6 +324,30 @@ def test_continuous_label_dropout_drops_the_whole_condition_at_its_rate():
     assert abs(dropped.float().mean() - 0.2) < 0.05
     assert (shown[0]["d"][dropped] == model.null_code).all()             # class and grid together
     assert torch.equal(shown[0]["d"][~dropped], d[~dropped]) and torch.equal(shown[0]["y"][~dropped], y[~dropped])
+    model.eval()(c, d, y)
+    assert torch.equal(shown[1]["y"], y) and torch.equal(shown[1]["d"], d)     # no dropout in eval mode
+
+
+def test_continuous_loss_masks_the_ceiling_of_ratio_times_n_positions(monkeypatch):
+    model = tiny_model("discon").continuous
+    monkeypatch.setattr(discon, "mask_ratio", lambda generator=None, device=None: 0.71)
+    shown = spy(model, "embed")
+    model(torch.randn(2, 16, 4), torch.randint(0, 32, (2, 16)), torch.tensor([0, 1]))
+    assert ((~shown[0]["known"]).sum(1) == math.ceil(0.71 * 16)).all()           # 12, where floor would give 11
+
+
+def test_model_randomness_comes_from_the_passed_generator():
+    # Seeded runs and exact resume need every draw from the generator passed in, none from the global RNG.
+    model = tiny_model("discon", label_drop=0.3).train()
+    c, d, y = torch.randn(8, 16, 4), torch.randint(0, 32, (8, 16)), torch.arange(8) % 10
+
+    def draws(global_seed):
+        torch.manual_seed(global_seed)
+        g = torch.Generator().manual_seed(0)
+        return [model.prior(y, d, g), model.continuous(c, d, y, g), discon.mask_ratio(g),
+                discon.sample_token(torch.randn(8, 32, generator=g), 1.0, 1.0, 0, g).float()]
+    for a, b in zip(draws(1), draws(2)):
+        torch.testing.assert_close(torch.as_tensor(a), torch.as_tensor(b), rtol=0, atol=0)
 
 
 def slow_continuous_sample(model, y, d, guidance, steps, seed):
@@ -569,11 +600,11 @@ def test_guided_latent_sampling_mixes_the_head_eps_of_the_two_halves():
         for p in model.diffusion_head.parameters():
             p.normal_(0, 0.2)                  # so that the head's eps depends on its condition
     head, z = model.diffusion_head, torch.randn(4, 32, dtype=torch.float64)  # rows [:2] conditional, [2:] not
-    out = model.sample_latent(z, 2.5, 1.0, 6, torch.Generator().manual_seed(0))
+    out = model.sample_latent(z, 2.5, 0.5, 6, torch.Generator().manual_seed(0))
 
     def guided_eps(x_t, t):  # the slow path: the head's forward on each half
         return discon.classifier_free_guidance(head(x_t, t, z[:2]), head(x_t, t, z[2:]), 2.5)
-    expected = model.diffusion.sample(guided_eps, (2, 4), 6, 1.0, torch.Generator().manual_seed(0),
+    expected = model.diffusion.sample(guided_eps, (2, 4), 6, 0.5, torch.Generator().manual_seed(0),
                                       dtype=torch.float64, clip_x0=model.cfg.clip_latent)
     torch.testing.assert_close(out, expected)
 
@@ -893,6 +924,24 @@ def test_generate_with_kv_cache_equals_the_slow_path(mode):
     fast = model.generate(y, guidance=1.5, generator=torch.Generator().manual_seed(0))
     slow = model.generate(y, guidance=1.5, generator=torch.Generator().manual_seed(0), use_kv_cache=False)
     assert torch.equal(fast, slow)
+
+
+def test_generate_passes_the_slow_path_flag_to_the_prior():
+    model = tiny_model("discon")
+    calls = spy(model.prior, "sample")
+    model.generate(torch.tensor([1]), use_kv_cache=False, generator=torch.Generator().manual_seed(0))
+    assert calls[0]["use_kv_cache"] is False
+
+
+def test_generate_samples_in_eval_mode_and_restores_training_mode():
+    model = tiny_model("discon", dropout=0.5)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    y = torch.tensor([1, 4])
+    expected = model.eval().generate(y, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(model.train().generate(y, generator=torch.Generator().manual_seed(0)), expected)
+    assert model.training and model.prior.training and not model.tokenizer.training
 
 
 def test_generate_conditioned_on_given_codes_keeps_them():
@@ -1857,6 +1906,21 @@ def test_sample_computes_fid_through_fid_py(tmp_path, trained, monkeypatch, caps
     sample.main([str(trained / "model.pt"), "--num-images", "10", "--fid-ref", ref, "--out", str(tmp_path)])
     assert seen["images"].shape == (10, 16, 16, 3) and seen["reference"] == ref
     assert "FID 12.500" in capsys.readouterr().out
+
+
+def test_sample_saves_the_reference_statistics_of_the_training_images(tmp_path, trained, monkeypatch, fast_shapes):
+    monkeypatch.setattr(fid, "load_inception", lambda weights, device: FakeInception())
+    asked, training_images = [], sample.training_images
+    monkeypatch.setattr(sample, "training_images", lambda ckpt, n: asked.append(n) or training_images(ckpt, 20))
+    ref = tmp_path / "ref.npz"
+    sample.main([str(trained / "tokenizer.pt"), "--save-fid-ref", str(ref)])
+    assert asked == [10_000]                                 # README's statistics: 10,000 class-balanced images
+    images, labels = training_images(load(trained / "tokenizer.pt"), 20)
+    assert np.bincount(labels).tolist() == [2] * 10
+    features = fid.compute_features(np.asarray(images), FakeInception())[0]
+    mu, sigma = fid.load_statistics(str(ref), "pytorch-fid")
+    np.testing.assert_allclose(mu, features.mean(0), rtol=1e-6)
+    np.testing.assert_allclose(sigma, np.cov(features, rowvar=False), rtol=1e-5, atol=1e-9)
 
 
 def test_sample_reconstructs_both_views_from_a_tokenizer_checkpoint(tmp_path, trained, monkeypatch, capsys,
