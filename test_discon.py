@@ -336,18 +336,39 @@ def test_continuous_loss_masks_the_ceiling_of_ratio_times_n_positions(monkeypatc
     assert ((~shown[0]["known"]).sum(1) == math.ceil(0.71 * 16)).all()           # 12, where floor would give 11
 
 
-def test_model_randomness_comes_from_the_passed_generator():
-    # Seeded runs and exact resume need every draw from the generator passed in, none from the global RNG.
-    model = tiny_model("discon", label_drop=0.3).train()
-    c, d, y = torch.randn(8, 16, 4), torch.randint(0, 32, (8, 16)), torch.arange(8) % 10
-
-    def draws(global_seed):
+def under_two_global_seeds(draw):
+    """draw(generator) under two global RNG states, with the same seeded generator: seeded runs and an exact resume
+    need every random draw from the generator passed in, none from the global RNG."""
+    results = []
+    for global_seed in (1, 2):
         torch.manual_seed(global_seed)
-        g = torch.Generator().manual_seed(0)
-        return [model.prior(y, d, g), model.continuous(c, d, y, g), discon.mask_ratio(g),
-                discon.sample_token(torch.randn(8, 32, generator=g), 1.0, 1.0, 0, g).float()]
-    for a, b in zip(draws(1), draws(2)):
-        torch.testing.assert_close(torch.as_tensor(a), torch.as_tensor(b), rtol=0, atol=0)
+        results.append(torch.as_tensor(draw(torch.Generator().manual_seed(0))))
+    return results
+
+
+def test_prior_label_dropout_draws_from_the_passed_generator():
+    prior = tiny_model("discrete", label_drop=0.3).prior.train()
+    d, y = torch.randint(0, 32, (8, 16)), torch.arange(8)
+    a, b = under_two_global_seeds(lambda g: prior(y, d, g))
+    assert torch.equal(a, b)
+
+
+def test_token_sampling_draws_from_the_passed_generator():
+    logits = torch.randn(8, 32)
+    a, b = under_two_global_seeds(lambda g: discon.sample_token(logits, 1.0, 1.0, 0, g))
+    assert torch.equal(a, b)
+
+
+def test_mask_ratio_draws_from_the_passed_generator():
+    a, b = under_two_global_seeds(discon.mask_ratio)
+    assert torch.equal(a, b)
+
+
+def test_continuous_loss_draws_from_the_passed_generator():
+    model = tiny_model("discon", label_drop=0.3).continuous.train()
+    c, d, y = torch.randn(8, 16, 4), torch.randint(0, 32, (8, 16)), torch.arange(8)
+    a, b = under_two_global_seeds(lambda g: model(c, d, y, g))
+    assert torch.equal(a, b)
 
 
 def slow_continuous_sample(model, y, d, guidance, steps, seed):
@@ -2159,6 +2180,13 @@ def test_fid_help_shows_its_docstring(capsys):
         fid.main(["--help"])
     out = capsys.readouterr().out
     assert e.value.code == 0 and "Python API" in out and "(default: pytorch-fid)" in out
+
+
+def test_readme_quotes_the_suites_test_count(request):
+    if request.config.getoption("keyword") or request.config.getoption("markexpr") or request.config.args != ["test_discon.py"]:
+        pytest.skip("counts the whole suite: run as README says, python -m pytest -q test_discon.py")
+    quoted, = re.findall(r"The suite has (\d+) tests", open(os.path.join(REPO, "README.md")).read())
+    assert int(quoted) == request.session.testscollected
 
 
 def test_readme_python_snippet_runs_on_a_trained_checkpoint(trained, tmp_path, monkeypatch):
