@@ -79,6 +79,8 @@ class DisConConfig:
     guidance: float = 3.0              # classifier-free guidance scale of the discrete phase (on the logits) ...
     guidance_continuous: float = 3.0   # ... and of the continuous phase (on the head's eps, ramped up from 1 as the
                                        # tokens are revealed, MAR's linear schedule); 1 means no guidance
+    temperature: float = 1.0           # divides the discrete phase's logits ...
+    temperature_continuous: float = 1.0  # ... and scales the diffusion head's sampling noise (MAR's temperature)
     clip_latent: float = 5.0           # sampling clamps the predicted clean c to +-this (c has unit std per channel);
                                        # ADM's clip_denoised. Without it the first respaced step amplifies the head's
                                        # eps error several hundred times (abar_999 = 2e-9) and samples diverge.
@@ -90,6 +92,7 @@ class DisConConfig:
                                      "diffusion_batch_mul", "num_timesteps", "sampling_steps", "diffusion_steps",
                                      "clip_latent"),
                      non_negative=("guidance", "guidance_continuous"))
+        check_fields(self, positive=("temperature", "temperature_continuous"))
         if not 0 <= self.dropout < 1:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if not 0 <= self.label_drop < 0.5:
@@ -872,15 +875,23 @@ class DisCon(nn.Module):
 
     # -- sampling --------------------------------------------------------------------------------------------------
 
+    def sampling_settings(self, guidance=None, guidance_continuous=None, temperature=None, temperature_continuous=None):
+        """-> (guidance, guidance_continuous, temperature, temperature_continuous) that generate uses: a shared value
+        sets both phases unless the continuous phase's own is given; None everywhere means the config's."""
+        cfg = self.cfg
+        return (*_resolved(guidance, guidance_continuous, cfg.guidance, cfg.guidance_continuous),
+                *_resolved(temperature, temperature_continuous, cfg.temperature, cfg.temperature_continuous))
+
     @torch.no_grad()
-    def generate(self, y, guidance=None, guidance_continuous=None, temperature=1.0, top_k=0, diffusion_steps=None,
+    def generate(self, y, guidance=None, guidance_continuous=None, temperature=None, top_k=0, diffusion_steps=None,
                  generator=None, use_kv_cache=True, codes=None, temperature_continuous=None, sampling_steps=None,
                  discrete_only=False):
         """Sample images (B, 3, H, W) uint8 for labels y (B,): d from the prior, then c given d, then decode c.
 
         guidance: the classifier-free guidance scale of the discrete phase (on the logits) and, unless
         guidance_continuous is given, of the continuous phase (on the head's eps, ramped from 1); 1 means no
-        guidance. When neither is given, the config's scales are used (as for diffusion_steps and sampling_steps).
+        guidance. When neither is given, the config's scales are used (as for the temperatures, diffusion_steps and
+        sampling_steps).
         temperature: divides the logits and, unless temperature_continuous is given, scales the diffusion noise (MAR).
         temperature_continuous: the diffusion noise's scale alone (None: temperature); unused in discrete mode.
         top_k: 0 keeps every code.
@@ -891,7 +902,8 @@ class DisCon(nn.Module):
         on this model's prior, with the d that the same generator seed gives DisCon.
         """
         self.check_labels(y)
-        temperature_continuous = temperature if temperature_continuous is None else temperature_continuous
+        guidance, guidance_continuous, temperature, temperature_continuous = self.sampling_settings(
+            guidance, guidance_continuous, temperature, temperature_continuous)
         if min(temperature, temperature_continuous) <= 0:
             raise ValueError(f"temperature and temperature_continuous must be > 0, got {temperature} and "
                              f"{temperature_continuous}")
@@ -901,9 +913,6 @@ class DisCon(nn.Module):
                              f"in mode {mode!r}")
         if discrete_only and mode != "discon":
             raise ValueError(f"discrete_only decodes the prior's d of a discon-mode model, this one is {mode!r}")
-        if guidance_continuous is None:
-            guidance_continuous = self.cfg.guidance_continuous if guidance is None else guidance
-        guidance = self.cfg.guidance if guidance is None else guidance
         was_training = self.training
         self.eval()
         B = len(y)
@@ -921,6 +930,14 @@ class DisCon(nn.Module):
             images = self.tokenizer.decode(c.transpose(1, 2).reshape(B, -1, g, g))
         self.train(was_training)
         return to_uint8(images)
+
+
+def _resolved(shared, continuous, shared_default, continuous_default):
+    """(discrete phase, continuous phase) of a setting: a given value for both unless the continuous one is given;
+    the config's where neither is."""
+    if continuous is None:
+        continuous = continuous_default if shared is None else shared
+    return (shared_default if shared is None else shared), continuous
 
 
 def build_model(tokenizer_config, model_config):

@@ -45,11 +45,12 @@ def make_parser():
     p.add_argument("--guidance-continuous", type=positive(float, zero=True), default=None,
                    help="the guidance scale of the continuous phase alone (discon and continuous modes; None: as "
                         "--guidance, or the model config's)")
-    p.add_argument("--temperature", type=positive(float), default=1.0,
+    p.add_argument("--temperature", type=positive(float), default=None,
                    help="divides the logits of d and, unless --temperature-continuous is given, scales the diffusion "
-                        "noise of c (MAR)")
+                        "noise of c (MAR) (None: the model config's)")
     p.add_argument("--temperature-continuous", type=positive(float), default=None,
-                   help="scales the diffusion noise of c alone (discon and continuous modes; None: as --temperature)")
+                   help="scales the diffusion noise of c alone (discon and continuous modes; None: as --temperature, "
+                        "or the model config's)")
     p.add_argument("--top-k", type=positive(int, zero=True), default=0, help="sample d from the k likeliest codes; "
                                                                                 "0 = from every code")
     p.add_argument("--diffusion-steps", type=positive(int), default=None,
@@ -168,13 +169,10 @@ def generate(args, rank, world, device):
     if args.fid_ref:
         score = fid_or_fail(args, images, device)
         cfg = model.cfg
-        guidance = cfg.guidance if args.guidance is None else args.guidance
-        guidance_continuous = args.guidance_continuous
-        if guidance_continuous is None:
-            guidance_continuous = cfg.guidance_continuous if args.guidance is None else guidance
-        temperature_continuous = args.temperature_continuous or args.temperature  # None: as --temperature (> 0)
+        guidance, guidance_continuous, temperature, temperature_continuous = model.sampling_settings(
+            args.guidance, args.guidance_continuous, args.temperature, args.temperature_continuous)
         print0(f"FID {score:.3f} ({n} samples vs {args.fid_ref}, fid.py mode={args.fid_mode}, guidance {guidance} "
-               f"(discrete) / {guidance_continuous} (continuous), temperature {args.temperature} (discrete) / "
+               f"(discrete) / {guidance_continuous} (continuous), temperature {temperature} (discrete) / "
                f"{temperature_continuous} (continuous), {args.sampling_steps or cfg.sampling_steps} sampling steps, "
                f"{'decoded d' if args.discrete_only else 'decoded c'}, {'raw' if args.no_ema else 'EMA'} weights)")
 
