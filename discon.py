@@ -289,7 +289,7 @@ class Tokenizer(nn.Module):
         return terms
 
     # Encoding and decoding run in the weights' precision (float32) even under autocast. Stage 2 without cached
-    # latents encodes inside its bf16 training autocast, where bf16 convolutions gave the quick tokenizer of git c461fb2
+    # latents encodes inside its bf16 training autocast, where bf16 convolutions gave an earlier quick tokenizer
     # (with GroupNorm) another d at 1.29% of positions and a c off by 0.005 RMS: other targets than the cached latents,
     # --real-codes and the latent statistics (all float32). Sampling decodes inside sample.py's autocast, where a bf16 decoder moved 18% of the
     # pixels by one level or more: GPU samples would not be the images a CPU decodes from the same c.
