@@ -59,7 +59,7 @@ class TrainConfig:
     seed: int = 0
     batch_size: int = 32          # global: per optimizer step, split over processes and accumulation steps
     grad_accum: int = 1
-    tokenizer_steps: int = 1500   # the defaults (and the quick preset) take ~7 minutes on 2 CPU cores
+    tokenizer_steps: int = 1500   # the defaults (and the quick preset) take ~6 minutes on 2 CPU cores
     tokenizer_lr: float = 3e-3
     model_steps: int = 7000
     model_lr: float = 3e-3
@@ -89,13 +89,13 @@ POSITIVE = {"batch_size", "grad_accum", "tokenizer_steps", "tokenizer_lr", "mode
 NON_NEGATIVE = {"seed", "warmup", "weight_decay", "grad_clip"}
 # A preset overrides the dataclass defaults (keys are flag names); the command line overrides the preset.
 PRESETS = {
-    # Shapes at 32x32 in about 7 minutes on 2 CPU cores: TrainConfig's defaults, a small tokenizer (4x4 grid of 16
+    # Shapes at 32x32 in about 6 minutes on 2 CPU cores: TrainConfig's defaults, a small tokenizer (4x4 grid of 16
     # channels, 128 codes; base width 16: rFID 92 of the continuous view against 135 at width 8, and 32 is no better)
-    # and a 2-layer transformer of width 128; measured choices, see README.md and docs/experiments.md.
+    # and a prior and a continuous model of 2 layers at width 128 each; measured choices, see docs/experiments.md.
     "quick": {"tokenizer.base_channels": 16, "tokenizer.downsample": 8, "tokenizer.latent_channels": 16,
               "tokenizer.codebook_size": 128, "n_layer": 2, "n_head": 4, "n_embd": 128, "head_width": 128,
               "head_depth": 2, "diffusion_batch_mul": 1},
-    # GPU recipes, not yet run end to end (README.md gives their step rates measured on one H200). Learning rates
+    # GPU recipes, not yet run end to end (docs/experiments.md has the earlier design's rates on one H200). Learning rates
     # follow MAR and LlamaGen's 1e-4 per 256 images for the transformer; the tokenizer's is of the order of LDM's
     # autoencoders. The transformers have GPT-2 small's 12 layers at width 512 instead of 768 (CIFAR-10; dropout 0.1
     # because 200k steps are ~1000 epochs) and MAR-B's (ImageNet: 24 x 768, as MAR-B's 12 encoder + 12 decoder blocks).
