@@ -4,8 +4,10 @@
     python bench.py --device cuda --bf16  # GPU; add --compile to time a torch.compile'd training step
     python bench.py --device cuda --bf16 --presets cifar10 --modes discon --sample-batch 256,1024,4096  # batch scaling
 
-Each (preset, mode) row runs in a fresh process, so its peak memory is its own: peak RSS on a CPU, peak allocated
-CUDA memory on a GPU. Ratios are measured within one run, on the same machine, seconds apart.
+Each row runs in a fresh process, so its peak memory is its own: peak RSS on a CPU, peak allocated CUDA memory on a
+GPU. Ratios are measured within one run, on the same machine, seconds apart. Sampling runs at generate()'s defaults
+(the preset's config). FLOPs are counted by torch.utils.flop_counter (matmuls, convolutions, attention) on one call;
+the share of the chip's peak ("MFU") is printed where the peak is known or given (--peak-tflops).
 """
 import argparse
 import multiprocessing as mp
@@ -43,6 +45,34 @@ def timed(fn, repeats):
     return float(np.median(times))
 
 
+def count_flops(fn):
+    """Floating-point operations of one call of fn, as torch.utils.flop_counter counts them."""
+    from torch.utils.flop_counter import FlopCounterMode
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+PEAK_BF16_TFLOPS = {"H200": 989, "H100": 989, "A100": 312}  # dense bf16 tensor-core peaks, NVIDIA's data sheets
+
+
+def peak_tflops(args):
+    if args.peak_tflops or not args.device.startswith("cuda"):
+        return args.peak_tflops
+    name = torch.cuda.get_device_name(torch.device(args.device))
+    return next((peak for chip, peak in PEAK_BF16_TFLOPS.items() if chip in name), None)
+
+
+def share(tflops, peak):
+    return f"{100 * tflops / peak:.1f}%" if peak else "-"
+
+
+def peak_memory(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
+
+
 def build(preset, mode, device):
     _, tok_cfg, model_cfg = train.make_configs(["--preset", preset, "--mode", mode])
     torch.manual_seed(0)
@@ -74,16 +104,34 @@ def measure_mode(args, preset, mode, queue):
     def sample(batch):
         labels = torch.arange(batch, device=device) % model.cfg.num_classes
         with autocast:
-            model.generate(labels, guidance=2.0, diffusion_steps=args.diffusion_steps,
-                           generator=torch.Generator(device).manual_seed(0))
+            model.generate(labels, diffusion_steps=args.diffusion_steps, generator=torch.Generator(device).manual_seed(0))
 
+    train_flops = count_flops(train_step) / args.train_batch  # forward and backward, per image
     train_ips = args.train_batch / timed(train_step, args.repeats)
     sample_ips = [batch / timed(lambda: sample(batch), 1) for batch in args.sample_batch]
+    queue.put((train_ips, train_ips * train_flops / 1e12, sample_ips, peak_memory(device)))
+
+
+def measure_sampling(args, preset, batch, graphs, head_bf16, queue):
+    """One row of the sampling table: a discon-mode model under bf16 autocast (sample.py on a GPU), its diffusion head
+    in bf16 or float32, its steps replayed from CUDA graphs or not -> images/s, TFLOP/s, peak memory."""
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    model = build(preset, "discon", device).eval()
+    labels = torch.arange(batch, device=device) % model.cfg.num_classes
+
+    def sample(n=batch, graphs=graphs):
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            model.generate(labels[:n], diffusion_steps=args.diffusion_steps, head_autocast=head_bf16, graphs=graphs,
+                           generator=torch.Generator(device).manual_seed(0))
+
+    flops = count_flops(lambda: sample(min(batch, 8), graphs=False)) / min(batch, 8)  # per image, the same either way
+    sample()  # the warm-up, where the graphs are captured
     if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated() / 2**20
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
-    queue.put((train_ips, sample_ips, peak))
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    seconds = timed(sample, 0)
+    queue.put((batch / seconds, batch / seconds * flops / 1e12, peak_memory(device)))
 
 
 def in_fresh_process(what, target, *args):
@@ -148,7 +196,7 @@ def load_previous_discon(rev):
 
 def sampling_against(args, preset, mode, previous, batch):
     """Images/s of DisCon.generate at its defaults, this version and `previous`, the same model size and batch, timed
-    in turns in one process (guidance 1 and 3). Each version samples with its own default number of diffusion steps."""
+    in turns in one process (guidance 1 and 3, on both phases). Each version samples with its own default number of diffusion steps."""
     torch.set_num_threads(args.threads)
     _, tok_cfg, model_cfg = train.make_configs(["--preset", preset, "--mode", mode])
     models = []
@@ -207,6 +255,10 @@ def make_parser():
     parser.add_argument("--deterministic", action="store_true", help="train.py --deterministic's kernels")
     parser.add_argument("--kv-cache", action=argparse.BooleanOptionalAction, default=True,
                         help="the table of cached against recomputed generation")
+    parser.add_argument("--paths", action=argparse.BooleanOptionalAction, default=True,
+                        help="the sampling table: eager or CUDA graphs, float32 or bf16 head, at each --sample-batch")
+    parser.add_argument("--peak-tflops", type=positive(float), default=None,
+                        help="the chip's peak TFLOP/s for the MFU columns (default: known GPUs' dense bf16 peak)")
     parser.add_argument("--against", default="", help="a git revision: time sampling against its discon.py")
     parser.add_argument("--fid-images", type=positive(int, zero=True), default=64, help="images of the Inception rate; 0: no FID rows")
     parser.add_argument("--fid-weights", default=None, help="Inception weights for fid.py (None: its download)")
@@ -220,17 +272,34 @@ def main(argv=None):
     print(f"# bench.py on {name}, torch {torch.__version__}, bf16={args.bf16}, compile={args.compile}, "
           f"deterministic={args.deterministic}")
     steps = args.diffusion_steps or "the preset's"
+    peak = peak_tflops(args)
     print(f"# train batch {args.train_batch}, sample batch {','.join(map(str, args.sample_batch))} "
-          f"(guidance 2.0, {steps} diffusion steps)\n")
+          f"(generate()'s defaults, {steps} diffusion steps); peak {peak or 'unknown'} TFLOP/s\n")
 
     columns = [f"sample img/s (batch {batch})" for batch in args.sample_batch]
-    print(f"| preset | mode | train img/s | {' | '.join(columns)} | peak memory (MiB) |")
-    print("|---|---|---|" + "---|" * len(columns) + "---|")
+    print(f"| preset | mode | train img/s | train TFLOP/s | MFU | {' | '.join(columns)} | peak memory (MiB) |")
+    print("|---|---|---|---|---|" + "---|" * len(columns) + "---|")
     for preset in args.presets:
         for mode in args.modes:
-            train_ips, sample_ips, peak = in_fresh_process(f"{preset}, {mode}", measure_mode, args, preset, mode)
+            train_ips, tflops, sample_ips, memory = in_fresh_process(f"{preset}, {mode}", measure_mode, args, preset,
+                                                                     mode)
             rates = " | ".join(f"{rate:.2f}" for rate in sample_ips)
-            print(f"| {preset} | {mode} | {train_ips:.1f} | {rates} | {peak:.0f} |", flush=True)
+            print(f"| {preset} | {mode} | {train_ips:.1f} | {tflops:.3g} | {share(tflops, peak)} | {rates} | "
+                  f"{memory:.0f} |", flush=True)
+
+    if args.paths:
+        graphs = "CUDA graphs" if args.device.startswith("cuda") else "graph path (on a CPU: no graph, the copies)"
+        print(f"\n| sampling, discon, bf16 autocast | batch | steps | head | img/s | TFLOP/s | MFU | "
+              f"peak memory (MiB) |\n|---|---|---|---|---|---|---|---|")
+    for preset in args.presets if args.paths else []:
+        for batch in args.sample_batch:
+            for use_graphs in (False, True):
+                for head_bf16 in (False, True):
+                    ips, tflops, memory = in_fresh_process(f"sampling, {preset}", measure_sampling, args, preset,
+                                                           batch, use_graphs, head_bf16)
+                    print(f"| {preset} | {batch} | {graphs if use_graphs else 'eager'} | "
+                          f"{'bf16' if head_bf16 else 'float32'} | {ips:.2f} | {tflops:.3g} | {share(tflops, peak)} | "
+                          f"{memory:.0f} |", flush=True)
 
     if args.kv_cache:
         print("\n| KV cache, batch 16 | cached (s) | recomputed (s) | speed-up |")

@@ -12,8 +12,10 @@ per token), transformer, discrete prior p(d | y) (LlamaGen-like, causal), contin
 bidirectional, random order), DisCon (the two together). README.md lists every difference from the paper and why; the
 one that shapes this file: one tokenizer gives both views (the paper pairs VA-VAE with MaskGIT's VQGAN).
 """
+import contextlib
 import dataclasses
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -87,6 +89,10 @@ class DisConConfig:
     clip_latent: float = 5.0           # sampling clamps the predicted clean c to +-this (c has unit std per channel);
                                        # ADM's clip_denoised. Without it the first respaced step amplifies the head's
                                        # eps error several hundred times (abar_999 = 2e-9) and samples diverge.
+    head_autocast: bool = True         # sampling runs the diffusion head's layers under the caller's autocast (bf16 on
+                                       # a GPU), the chain's arithmetic in float32 all the same (False: the head in
+                                       # float32 too). On the quick preset's 3 models under CPU bf16 autocast, it
+                                       # moved FID by 0.08 at most, against a seed std of 3.1 (docs/experiments.md)
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -424,22 +430,28 @@ class GaussianDiffusion(nn.Module):
             )
         return self._chains[steps]
 
+    def noise(self, shape, steps, generator=None, device=None, dtype=torch.float32):
+        """A chain's Gaussian draws (steps, *shape): x_T first, then the noise that each step but the last adds."""
+        return torch.stack([torch.randn(shape, generator=generator, device=device, dtype=dtype) for _ in range(steps)])
+
     def sample(self, eps_fn, shape, steps, temperature=1.0, generator=None, device=None, dtype=torch.float32,
-               clip_x0=None):
+               clip_x0=None, noise=None):
         """Ancestral sampling from N(0, I) with eps_fn(x_t, t) -> eps; the added noise is scaled by temperature (MAR).
-        clip_x0 clamps each step's estimate of x0, which keeps an imperfect eps from blowing up at large t."""
+        clip_x0 clamps each step's estimate of x0, which keeps an imperfect eps from blowing up at large t. noise:
+        the draws of self.noise, given in advance (a CUDA graph holds no generator); None draws them here."""
         chain = {k: v.tolist() for k, v in self.respaced(steps).items()}  # python numbers: no copy to the device
-        x = torch.randn(shape, generator=generator, device=device, dtype=dtype)
+        if noise is None:
+            noise = self.noise(shape, steps, generator, device, dtype)
+        x = noise[0]
         for i in reversed(range(steps)):
-            t = torch.full((shape[0],), chain["timesteps"][i], device=device)
+            t = torch.full((shape[0],), chain["timesteps"][i], device=noise.device)
             eps = eps_fn(x, t).to(dtype)
             x0 = chain["sqrt_recip_abar"][i] * x - chain["sqrt_recipm1_abar"][i] * eps
             if clip_x0 is not None:
                 x0 = x0.clamp(-clip_x0, clip_x0)
             x = chain["coef_x0"][i] * x0 + chain["coef_xt"][i] * x
             if i > 0:
-                noise = torch.randn(shape, generator=generator, device=device, dtype=dtype)
-                x = x + math.exp(0.5 * chain["log_var"][i]) * temperature * noise
+                x = x + math.exp(0.5 * chain["log_var"][i]) * temperature * noise[steps - i]
         return x
 
 
@@ -676,7 +688,7 @@ class DiscretePrior(nn.Module):
 # The continuous model p(c | d, y), MAR's masked autoregression. A bidirectional transformer over [y, x_1 .. x_N]:
 # x_i embeds c_i where it is known and is a learned mask token where it is not; given d, x_i also carries the
 # embedding of d_i, the discrete token aligned with position i, so every position sees the whole of d. Training hides a
-# random subset of the positions (one mask ratio per batch) and applies the diffusion loss there; sampling reveals the
+# random subset of the positions (one mask ratio per forward: per process and micro-batch, as in MAR) and applies the diffusion loss there; sampling reveals the
 # positions in a random order, several at a time, over K steps on a cosine schedule, and the diffusion head samples
 # each step's tokens together. Without d this is MAR itself, the `continuous` baseline.
 #
@@ -687,10 +699,14 @@ class DiscretePrior(nn.Module):
 MASK_RATIO_MIN, MASK_RATIO_STD = 0.7, 0.25   # MAR: the mask ratio is N(1, 0.25^2) truncated to [0.7, 1]
 
 
-def mask_ratio(generator=None, device=None):
-    """One draw of MAR's mask ratio, by inverting the normal CDF on the truncated interval [0.7, 1]."""
+def mask_ratio(generator=None):
+    """One draw of MAR's mask ratio, by inverting the normal CDF on the truncated interval [0.7, 1]. Drawn on the host:
+    the ratio sets the batch's shapes, and a draw on a GPU would make the host wait for the GPU at every training step.
+    A GPU generator seeds the host's draw from its seed and its offset, which advances as it draws (CUDA's philox)."""
+    if generator is not None and generator.device.type != "cpu":
+        generator = torch.Generator().manual_seed(hash((generator.initial_seed(), generator.get_offset())) % 2**63)
     low = torch.special.ndtr(torch.tensor((MASK_RATIO_MIN - 1) / MASK_RATIO_STD, dtype=torch.float64))
-    u = low + (0.5 - low) * torch.rand(1, generator=generator, device=device, dtype=torch.float64).cpu()
+    u = low + (0.5 - low) * torch.rand(1, generator=generator, dtype=torch.float64)
     return float(1 + MASK_RATIO_STD * torch.special.ndtri(u))
 
 
@@ -705,6 +721,69 @@ def reveal_schedule(num_tokens, steps):
         counts.append(masked - left)
         masked = left
     return counts
+
+
+class CapturedCall:
+    """fn(*tensors, **constants) replayed from a CUDA graph: captured on the first call for each key (the tensors'
+    shapes and dtypes, the constants, the autocast state), then replayed on static copies of the tensors, with a
+    static output returned as a copy. Replaying costs one launch where fn costs hundreds of small kernels. fn must
+    draw no random numbers and read no tensors but its arguments. Off CUDA, fn runs on the same static copies into
+    the same static output, so the CPU tests check that copying and caching. A capture that fails warns and leaves
+    that key to plain calls."""
+
+    def __init__(self, fn):
+        self.fn, self.captured = fn, {}
+
+    def __call__(self, *tensors, **constants):
+        device = next(x.device for x in tensors if x is not None)
+        autocast = (_autocast_enabled(device.type), _autocast_dtype(device.type))
+        key = (tuple(None if x is None else (x.shape, x.dtype) for x in tensors), tuple(sorted(constants.items())),
+               autocast)
+        if key not in self.captured:
+            self.captured[key] = self.capture(tensors, constants, device, *autocast)
+        if self.captured[key] is None:
+            return self.fn(*tensors, **constants)
+        graph, static, output = self.captured[key]
+        for copy, x in zip(static, tensors):
+            if x is not None:
+                copy.copy_(x)
+        if graph is None:
+            output.copy_(self.fn(*static, **constants))
+        else:
+            graph.replay()
+        return output.clone()
+
+    def capture(self, tensors, constants, device, autocast_enabled, autocast_dtype):
+        static = [None if x is None else x.clone() for x in tensors]
+        run = lambda: self.fn(*static, **constants)
+        if device.type != "cuda":
+            return None, static, run()
+        try:
+            # Autocast's cache of cast weights would be freed under the graph's feet when autocast exits: off here.
+            with torch.autocast("cuda", dtype=autocast_dtype, enabled=autocast_enabled, cache_enabled=False):
+                side = torch.cuda.Stream(device)  # warm-up on a side stream (lazy init, cuBLAS workspaces)
+                side.wait_stream(torch.cuda.current_stream(device))
+                with torch.cuda.stream(side):
+                    run()
+                torch.cuda.current_stream(device).wait_stream(side)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    output = run()
+            return graph, static, output
+        except RuntimeError as error:
+            warnings.warn(f"CUDA graph capture failed, sampling without graphs: {error}")
+            return None
+
+
+def _autocast_enabled(device_type):
+    return torch.is_autocast_enabled(device_type) if hasattr(torch, "get_autocast_dtype") else (
+        torch.is_autocast_enabled() if device_type == "cuda" else torch.is_autocast_cpu_enabled())
+
+
+def _autocast_dtype(device_type):
+    if hasattr(torch, "get_autocast_dtype"):  # torch >= 2.4
+        return torch.get_autocast_dtype(device_type)
+    return torch.get_autocast_gpu_dtype() if device_type == "cuda" else torch.get_autocast_cpu_dtype()
 
 
 class ContinuousModel(nn.Module):
@@ -746,7 +825,7 @@ class ContinuousModel(nn.Module):
         B, N, C = c.shape
         if self.training and self.cfg.label_drop > 0:
             y, d = self.drop_condition(y, d, torch.rand(B, generator=generator, device=y.device) < self.cfg.label_drop)
-        n = math.ceil(mask_ratio(generator, c.device) * N)                                # masked positions per image
+        n = math.ceil(mask_ratio(generator) * N)                                          # masked positions per image
         order = torch.rand(B, N, generator=generator, device=c.device).argsort(dim=1)     # a random order per image
         hidden = order[:, :n]                                                             # (B, n)
         known = torch.ones(B, N, dtype=torch.bool, device=c.device).scatter(1, hidden, False)
@@ -757,51 +836,66 @@ class ContinuousModel(nn.Module):
         return self.diffusion.loss(self.diffusion_head, target.repeat(mul, 1), z.repeat(mul, 1), generator)
 
     @torch.no_grad()
-    def sample(self, y, d, guidance, temperature, steps, diffusion_steps, generator):
+    def sample(self, y, d, guidance, temperature, steps, diffusion_steps, generator, head_autocast=False,
+               graphs=False):
         """c (B, N, C) for labels y (B,) and grids d (B, N; None when unconditioned): each image reveals its positions
         in its own random order, as many at each of the `steps` steps as reveal_schedule says. Guidance ramps
         linearly with the fraction revealed after the step (MAR's linear schedule, from 1 to `guidance`); rows [B:]
-        are the unconditional branch, with the same known latents."""
+        are the unconditional branch, with the same known latents. head_autocast: see sample_latent. graphs: each
+        step replayed from a CUDA graph (CapturedCall; the same samples, fewer kernel launches)."""
         B, N, C = len(y), self.num_tokens, self.channels
         device, dtype = self.mask_token.device, self.mask_token.dtype
+        diffusion_steps = self.cfg.diffusion_steps if diffusion_steps is None else diffusion_steps
         order = torch.rand(B, N, generator=generator, device=device).argsort(dim=1)       # (B, N) positions by turn
         c = torch.zeros(B, N, C, dtype=dtype, device=device)
         known = torch.zeros(B, N, dtype=torch.bool, device=device)
-        rows, y_in, d_in = 1, y, d
+        y_in, d_in = y, d
         if guidance != 1:
-            rows, (y_in, d_in) = 2, self.drop_condition(y.repeat(2), None if d is None else d.repeat(2, 1),
-                                                        torch.arange(2 * B, device=device) >= B)
+            y_in, d_in = self.drop_condition(y.repeat(2), None if d is None else d.repeat(2, 1),
+                                             torch.arange(2 * B, device=device) >= B)
+        if graphs and not hasattr(self, "_captured_reveal"):
+            self._captured_reveal = CapturedCall(self.reveal)
+        reveal = self._captured_reveal if graphs else self.reveal
         start = 0
         for count in reveal_schedule(N, steps):
             now = order[:, start:start + count]                                           # (B, count) revealed now
-            h = self.transformer(self.embed(y_in, c.repeat(rows, 1, 1), d_in, known.repeat(rows, 1)))[:, 1:]
-            z = h.gather(1, now.repeat(rows, 1)[..., None].expand(-1, -1, h.shape[-1]))   # (rows B, count, D)
-            scale = 1 + (guidance - 1) * (start + count) / N
-            latent = self.sample_latent(z.flatten(0, 1), scale, temperature, diffusion_steps, generator)
+            noise = self.diffusion.noise((B * count, C), diffusion_steps, generator, device, dtype)
+            latent = reveal(y_in, d_in, c, known, now, noise, guidance=1 + (guidance - 1) * (start + count) / N,
+                            temperature=temperature, head_autocast=head_autocast)
             c.scatter_(1, now[..., None].expand(-1, -1, C), latent.view(B, count, C).to(dtype))
             known.scatter_(1, now, True)
             start += count
         return c
 
-    def sample_latent(self, z, guidance, temperature, steps, generator):
+    def reveal(self, y, d, c, known, now, noise, guidance, temperature, head_autocast):
+        """One sampling step: the latents (B count, C) of the positions now (B, count), given the known ones. y and d
+        hold both branches when guided (2B rows); noise is the head chain's draws (GaussianDiffusion.noise)."""
+        rows = len(y) // len(c)
+        h = self.transformer(self.embed(y, c.repeat(rows, 1, 1), d, known.repeat(rows, 1)))[:, 1:]
+        z = h.gather(1, now.repeat(rows, 1)[..., None].expand(-1, -1, h.shape[-1]))       # (rows B, count, D)
+        return self.sample_latent(z.flatten(0, 1), guidance, temperature, len(noise), noise=noise,
+                                  head_autocast=head_autocast)
+
+    def sample_latent(self, z, guidance, temperature, steps, generator=None, noise=None, head_autocast=False):
         """One continuous token per row: the head's reverse chain conditioned on z (M, D), or with guidance (2M, D),
-        conditional rows first."""
+        conditional rows first. noise: the chain's draws (None: from generator).
+        The chain's arithmetic runs in the weights' precision even under autocast: at large t a step multiplies eps by
+        up to 1 / sqrt(abar) (about 2e4 at t = 999), which would magnify bf16 rounding. head_autocast leaves the head's
+        layers (its matmuls) to the caller's autocast, and casts their eps back before the chain uses it."""
         head, dtype = self.diffusion_head, self.mask_token.dtype
-        # The chain, the head's eps included, runs in the weights' precision even under autocast: at large t the step
-        # multiplies eps by up to 1 / sqrt(abar) (about 2e4 at t = 999), which would magnify bf16 rounding.
-        with torch.autocast(z.device.type, enabled=False):
+        with contextlib.nullcontext() if head_autocast else torch.autocast(z.device.type, enabled=False):
             z_embedded = head.cond_embed(z.to(dtype))  # the part of the head's condition fixed for the chain: once
 
             def eps_fn(x_t, t):  # one head call per diffusion step for the whole batch (both halves when guided)
                 cond = head.embed_time(t[:1]) + z_embedded  # every row is at the same timestep
                 if guidance == 1:
                     return head.predict(x_t, cond)
-                return classifier_free_guidance(*head.predict(torch.cat([x_t, x_t]), cond).chunk(2), guidance)
+                eps = head.predict(torch.cat([x_t, x_t]), cond).to(dtype)  # mixed in float32 under head_autocast too
+                return classifier_free_guidance(*eps.chunk(2), guidance)
 
             shape = (len(z) // 2 if guidance != 1 else len(z), self.channels)
-            steps = self.cfg.diffusion_steps if steps is None else steps
             return self.diffusion.sample(eps_fn, shape, steps, temperature, generator, z.device, dtype,
-                                         clip_x0=self.cfg.clip_latent)
+                                         clip_x0=self.cfg.clip_latent, noise=noise)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -888,7 +982,7 @@ class DisCon(nn.Module):
     @torch.no_grad()
     def generate(self, y, guidance=None, guidance_continuous=None, temperature=None, top_k=0, diffusion_steps=None,
                  generator=None, use_kv_cache=True, codes=None, temperature_continuous=None, sampling_steps=None,
-                 discrete_only=False):
+                 discrete_only=False, head_autocast=None, graphs=False):
         """Sample images (B, 3, H, W) uint8 for labels y (B,): d from the prior, then c given d, then decode c.
 
         guidance: the classifier-free guidance scale of the discrete phase (on the logits) and, unless
@@ -896,13 +990,16 @@ class DisCon(nn.Module):
         guidance. When neither is given, the config's scales are used (as for the temperatures, diffusion_steps and
         sampling_steps).
         temperature: divides the logits and, unless temperature_continuous is given, scales the diffusion noise (MAR).
-        temperature_continuous: the diffusion noise's scale alone (None: temperature); unused in discrete mode.
+        temperature_continuous: the diffusion noise's scale alone (None: temperature if given, else the config's);
+        unused in discrete mode.
         top_k: 0 keeps every code.
         sampling_steps: K, the steps of the continuous model (None: the config's).
         use_kv_cache=False recomputes the prior's prefix at every step: the slow path the tests compare against.
         codes: "discon" mode only, a discrete grid (B, h, w) to condition on instead of sampling d: p(c | d, y) alone.
         discrete_only: "discon" mode only, decode d's codebook vectors instead of sampling c: the `discrete` baseline
         on this model's prior, with the d that the same generator seed gives DisCon.
+        head_autocast: the diffusion head under the caller's autocast (None: the config's head_autocast).
+        graphs: replay each step of the continuous model from a CUDA graph (on a CPU: the same steps, plainly run).
         """
         self.check_labels(y)
         guidance, guidance_continuous, temperature, temperature_continuous = self.sampling_settings(
@@ -928,8 +1025,9 @@ class DisCon(nn.Module):
             images = self.tokenizer.decode_codes(d.view(B, g, g))
         else:
             steps = self.cfg.sampling_steps if sampling_steps is None else sampling_steps
+            head_autocast = self.cfg.head_autocast if head_autocast is None else head_autocast
             c = self.continuous.sample(y, d if mode == "discon" else None, guidance_continuous, temperature_continuous,
-                                       steps, diffusion_steps, generator)               # (B, N, C)
+                                       steps, diffusion_steps, generator, head_autocast, graphs)  # (B, N, C)
             images = self.tokenizer.decode(c.transpose(1, 2).reshape(B, -1, g, g))
         self.train(was_training)
         return to_uint8(images)

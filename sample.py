@@ -66,6 +66,12 @@ def make_parser():
                    help="discon mode: decode the sampled d's codebook vectors instead of sampling c: the `discrete` "
                         "baseline on this model's own prior, with the same d as the DisCon samples of the same --seed "
                         "and --batch-size")
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                   help="bf16 autocast (default: on a GPU only); the diffusion chain's arithmetic stays float32")
+    p.add_argument("--head-autocast", action=argparse.BooleanOptionalAction, default=None,
+                   help="run the diffusion head's layers under that autocast too (default: the model config's)")
+    p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
+                   help="replay each continuous sampling step from a CUDA graph (default: on a GPU only)")
     p.add_argument("--save-pngs", action="store_true", help="also write one PNG per image")
     p.add_argument("--fid-ref", default="", help="reference statistics .npz (fid.py --save-stats) for FID; empty: "
                                                   "no FID")
@@ -129,7 +135,9 @@ def generate(args, rank, world, device):
     batches = [np.arange(i, min(i + args.batch_size, len(labels))) for i in range(0, len(labels), args.batch_size)]
 
     # Batches are dealt round-robin to the processes; each batch has its own generator seeded from (seed, b).
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    bf16 = device.type == "cuda" if args.bf16 is None else args.bf16
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
+    graphs = device.type == "cuda" if args.cuda_graphs is None else args.cuda_graphs
     mine = []
     for b in progress(range(rank, len(batches), world), desc="sampling"):
         y = train.to_device(labels[batches[b]], device)
@@ -142,7 +150,8 @@ def generate(args, rank, world, device):
             images = model.generate(y, args.guidance, args.guidance_continuous, temperature=args.temperature,
                                     top_k=args.top_k, diffusion_steps=args.diffusion_steps, generator=generator,
                                     codes=codes, temperature_continuous=args.temperature_continuous,
-                                    sampling_steps=args.sampling_steps, discrete_only=args.discrete_only)
+                                    sampling_steps=args.sampling_steps, discrete_only=args.discrete_only,
+                                    head_autocast=args.head_autocast, graphs=graphs)
         mine.append((b, images.permute(0, 2, 3, 1).cpu().numpy()))                     # (B, H, W, 3) uint8
     if world > 1:  # every process's batches to rank 0 only (50k images of 64x64 are 614 MB)
         gathered = [None] * world if rank == 0 else None
@@ -171,10 +180,16 @@ def generate(args, rank, world, device):
         cfg = model.cfg
         guidance, guidance_continuous, temperature, temperature_continuous = model.sampling_settings(
             args.guidance, args.guidance_continuous, args.temperature, args.temperature_continuous)
-        print0(f"FID {score:.3f} ({n} samples vs {args.fid_ref}, fid.py mode={args.fid_mode}, guidance {guidance} "
-               f"(discrete) / {guidance_continuous} (continuous), temperature {temperature} (discrete) / "
-               f"{temperature_continuous} (continuous), {args.sampling_steps or cfg.sampling_steps} sampling steps, "
-               f"{'decoded d' if args.discrete_only else 'decoded c'}, {'raw' if args.no_ema else 'EMA'} weights)")
+        discrete = f"guidance {guidance}, temperature {temperature}"
+        head = cfg.head_autocast if args.head_autocast is None else args.head_autocast
+        continuous = (f"guidance {guidance_continuous}, temperature {temperature_continuous}, "
+                      f"{args.sampling_steps or cfg.sampling_steps} sampling steps, "
+                      + (f"bf16 autocast with the head in {'bf16' if head else 'float32'}" if bf16 else "float32"))
+        settings = {"discrete": discrete, "continuous": continuous,
+                    "discon": f"d: {discrete}; c: {continuous}"}["discrete" if args.discrete_only else cfg.mode]
+        print0(f"FID {score:.3f} ({n} samples vs {args.fid_ref}, fid.py mode={args.fid_mode}, {settings}, "
+               f"{'decoded d' if args.discrete_only or cfg.mode == 'discrete' else 'decoded c'}, "
+               f"{'raw' if args.no_ema else 'EMA'} weights)")
 
 
 def training_images(ckpt, n):

@@ -421,6 +421,49 @@ def test_continuous_guidance_ramps_linearly_with_the_tokens_revealed():
     assert [call["guidance"] for call in calls] == pytest.approx(list(1 + 2.0 * revealed / model.num_tokens))
 
 
+def test_captured_call_copies_its_inputs_in_and_its_output_out():
+    calls = []
+    double = discon.CapturedCall(lambda x, scale: calls.append(1) or x * scale)
+    a, b = torch.randn(3, 2), torch.randn(3, 2)
+    out_a = double(a, scale=2.0)
+    out_b = double(b, scale=2.0)                         # the same key: the static copy of a now holds b
+    assert torch.equal(out_a, 2 * a) and torch.equal(out_b, 2 * b)   # a's result is a copy, not the static output
+    assert torch.equal(double(a, scale=3.0), 3 * a) and torch.equal(double(a[:2], scale=2.0), 2 * a[:2])
+    assert len(double.captured) == 3                     # one entry per shape and constants
+
+
+def test_continuous_sampling_through_captured_steps_gives_the_plain_samples():
+    model = tiny_model("discon", seed=3)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    for seed, y in ((0, torch.tensor([1, 4])), (1, torch.tensor([7, 2]))):  # the second call replays the first's
+        plain, captured = (model.generate(y, guidance=2.0, diffusion_steps=3, generator=torch.Generator().manual_seed(
+            seed), graphs=graphs) for graphs in (False, True))
+        assert torch.equal(plain, captured), seed
+    assert len(model.continuous._captured_reveal.captured) == len(discon.reveal_schedule(model.num_tokens, 4))
+
+
+def test_head_autocast_leaves_only_the_heads_layers_to_autocast():
+    model = tiny_model("discon").continuous
+    with torch.no_grad():
+        for p in model.diffusion_head.parameters():
+            p.normal_(0, 0.2)
+    z = torch.randn(6, 32)
+    run = lambda head_autocast: model.sample_latent(z, 2.0, 1.0, 5, torch.Generator().manual_seed(0),
+                                                    head_autocast=head_autocast)
+    reference = run(False)
+    layers, chain = [], spy(model.diffusion_head, "predict")
+    hook = model.diffusion_head.input_proj.register_forward_hook(lambda m, i, out: layers.append(out.dtype))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(run(False), reference)              # the head in float32 under autocast: the same numbers
+        bf16 = run(True)
+    hook.remove()
+    assert layers == [torch.float32] * 5 + [torch.bfloat16] * 5
+    assert all(call["x_t"].dtype == torch.float32 for call in chain)     # the chain's x_t stays float32
+    assert bf16.dtype == torch.float32 and 0 < (bf16 - reference).abs().max() < 0.1
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Gaussian diffusion
 

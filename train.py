@@ -52,7 +52,7 @@ class TrainConfig:
     dataset: str = "shapes"       # shapes (built in) | cifar10 | imagenet64 | folder
     data_dir: str = "data"        # where cifar10 / imagenet64 files are (or get downloaded / converted), or the folder
     out_dir: str = "out"          # checkpoints (tokenizer.pt, model.pt), log.jsonl, PNG grids
-    stage: str = "both"           # 1 (tokenizer) | 2 (transformer) | both
+    stage: str = "both"           # 1 (tokenizer) | 2 (the prior and the continuous model) | both
     tokenizer: str = ""           # stage 2: path of the stage-1 checkpoint to build on, empty: out_dir/tokenizer.pt
                                   # (not to be confused with the --tokenizer.NAME flags, TokenizerConfig's fields)
     resume: bool = False          # continue each stage from its checkpoint in out_dir
@@ -731,11 +731,13 @@ def train_stage(stage, model, data, train_cfg, config, rank, world, device):
         print0(f"stage {stage}: resuming from {path} at step {step}")
     if rank == 0:
         trim_log(os.path.join(train_cfg.out_dir, "log.jsonl"), stage, step)
-    # Stage 2 compiles with graph breaks at the checks of its inputs; stage 1 would break at the dead-code restart and
-    # at its collectives, and torch 2.13's compiled backward of its VQ loss fails, so it stays eager.
+    # Stage 2 compiles in pieces: each random draw from `generator` breaks the graph (9 breaks in one forward, torch
+    # 2.13). Stage 1 would break at the dead-code restart and at its collectives, and torch 2.13's compiled backward
+    # of its VQ loss fails, so it stays eager.
     net = torch.compile(model) if train_cfg.compile and stage == 2 else model
     if world > 1:
-        net = DDP(net, device_ids=[device.index] if device.type == "cuda" else None)
+        # Stage 2's buffers (the frozen tokenizer's, the diffusion tables) are equal on every process: no broadcast.
+        net = DDP(net, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=stage == 1)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     generator = torch.Generator(device)
     micro = train_cfg.batch_size // (world * train_cfg.grad_accum)
@@ -763,7 +765,8 @@ def train_stage(stage, model, data, train_cfg, config, rank, world, device):
                 (terms["loss"] / train_cfg.grad_accum).backward()
             logged = logged + torch.stack([v.detach().float() for v in terms.values()]) / train_cfg.grad_accum
         # Stage 2 clips the prior's and the continuous model's gradients each on its own, so that neither's norm
-        # scales the other's step: the prior of a `discon` model trains exactly as the `discrete` model of its seed.
+        # scales the other's step: the prior of a `discon` model trains as the `discrete` model of its seed (bit for
+        # bit on a CPU; bf16 and the order of NCCL's sums leave them close on GPUs). The log's grad_norm is the larger.
         grad_norm = torch.stack([nn.utils.clip_grad_norm_(part.parameters(), train_cfg.grad_clip or float("inf"))
                                  for part in (model.parts() if stage == 2 else [model])]).max()
         # A non-finite loss gives a non-finite gradient norm (the same on every process) and non-finite weights from
