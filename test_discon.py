@@ -2245,13 +2245,15 @@ def test_readme_python_snippet_runs_on_a_trained_checkpoint(trained, tmp_path, m
 
 def test_readme_exercise_script_blanks_only_the_named_functions(tmp_path):
     readme = open(os.path.join(REPO, "README.md")).read()
-    block, = [b for b in code_of(readme, "bash") if "NotImplementedError" in b]
-    command, script = block.split("<<'EOF'\n")
-    names = command.split("python - discon.py")[1].split()
+    command, = [line.split("#")[0] for b in code_of(readme, "bash") for line in b.split("\n") if "docs/blank.py" in line]
+    names = command.split("docs/blank.py discon.py")[1].split()
     shutil.copy(os.path.join(REPO, "discon.py"), tmp_path)
-    done = subprocess.run([sys.executable, "-", "discon.py", *names], input=script.rsplit("EOF", 1)[0],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    done = subprocess.run([sys.executable, os.path.join(REPO, "docs", "blank.py"), "discon.py", *names], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
+    missing = subprocess.run([sys.executable, os.path.join(REPO, "docs", "blank.py"), "discon.py", "no_such"],
+                             cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert missing.returncode != 0 and "not found in discon.py: no_such" in missing.stderr
     spec = importlib.util.spec_from_file_location("discon_student", tmp_path / "discon.py")
     student = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(student)

@@ -99,16 +99,17 @@ PRESETS = {
     # follow MAR and LlamaGen's 1e-4 per 256 images for the transformer; the tokenizer's is of the order of LDM's
     # autoencoders. The transformers have GPT-2 small's 12 layers at width 512 instead of 768 (CIFAR-10; dropout 0.1
     # because 200k steps are ~1000 epochs) and MAR-B's (ImageNet: 24 x 768, as MAR-B's 12 encoder + 12 decoder blocks).
+    # K = sampling_steps keeps MAR's ratio (64 steps for 256 tokens): 16 for the 8x8 grid, 64 for 16x16; unmeasured.
     "cifar10": {"dataset": "cifar10", "batch_size": 256, "tokenizer_steps": 50_000, "tokenizer_lr": 2e-4,
                 "model_steps": 200_000, "model_lr": 1e-4, "ema_decay": 0.9999, "log_every": 100,
                 "sample_every": 5000, "ckpt_every": 5000, "n_layer": 12, "n_head": 8, "n_embd": 512,
-                "head_width": 1024, "head_depth": 3, "dropout": 0.1, "diffusion_steps": 100},
+                "head_width": 1024, "head_depth": 3, "dropout": 0.1, "diffusion_steps": 100, "sampling_steps": 16},
     "imagenet64": {"dataset": "imagenet64", "batch_size": 512, "tokenizer_steps": 100_000, "tokenizer_lr": 2e-4,
                    "model_steps": 300_000, "model_lr": 2e-4, "ema_decay": 0.9999, "log_every": 100,
                    "sample_every": 10_000, "ckpt_every": 5000, "tokenizer.image_size": 64,
                    "tokenizer.base_channels": 128, "tokenizer.latent_channels": 16, "tokenizer.codebook_size": 1024,
                    "n_layer": 24, "n_head": 12, "n_embd": 768, "head_width": 1024, "head_depth": 3,
-                   "diffusion_steps": 100, "cache_latents": False},
+                   "diffusion_steps": 100, "sampling_steps": 64, "cache_latents": False},
 }
 
 
