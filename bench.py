@@ -194,24 +194,29 @@ def load_previous_discon(rev):
     return module
 
 
+SAMPLING_FIELDS = ("diffusion_steps", "sampling_steps", "guidance", "guidance_continuous", "temperature",
+                   "temperature_continuous")
+
+
 def sampling_against(args, preset, mode, previous, batch):
-    """Images/s of DisCon.generate at its defaults, this version and `previous`, the same model size and batch, timed
-    in turns in one process (guidance 1 and 3, on both phases). Each version samples with its own default number of diffusion steps."""
+    """Images/s of DisCon.generate, this version and `previous`, the same model size and batch, timed in turns in one
+    process: at guidance 1 and 3 on both phases, then at each version's own sampling defaults (its config's guidance,
+    temperatures and steps). Each version samples with its own default number of diffusion steps."""
     torch.set_num_threads(args.threads)
     _, tok_cfg, model_cfg = train.make_configs(["--preset", preset, "--mode", mode])
     models = []
     for module in (discon, previous):
         torch.manual_seed(0)
-        # Only the fields a version knows; the previous one keeps its own default number of diffusion steps.
+        # Only the fields a version knows; the previous one keeps its own sampling defaults.
         known = lambda config, cls, skip=(): {k: v for k, v in asdict(config).items()
                                               if k in {f.name for f in fields(cls)} and k not in skip}
-        skip = ("diffusion_steps",) if module is previous else ()
+        skip = SAMPLING_FIELDS if module is previous else ()
         models.append(module.DisCon(module.DisConConfig(**known(model_cfg, module.DisConConfig, skip)),
                                     module.Tokenizer(module.TokenizerConfig(**known(tok_cfg, module.TokenizerConfig))))
                       .eval())
     labels = torch.arange(batch) % model_cfg.num_classes
     rates = []
-    for guidance in (1.0, 3.0):
+    for guidance in (1.0, 3.0, None):  # None: each version's defaults
         seconds = [[], []]
         for _ in range(args.repeats):
             for i, model in enumerate(models):  # the second argument is the guidance scale in both versions
@@ -318,8 +323,8 @@ def main(argv=None):
         for preset in args.presets:
             steps = train.make_configs(["--preset", preset])[2].diffusion_steps
             for mode in args.modes:
-                for guidance, (ours, theirs) in zip((1, 3), sampling_against(args, preset, mode, previous,
-                                                                              args.sample_batch[0])):
+                for guidance, (ours, theirs) in zip((1, 3, "each version's defaults"),
+                                                    sampling_against(args, preset, mode, previous, args.sample_batch[0])):
                     print(f"| {preset} ({steps} diffusion steps), {mode} | {guidance} | {ours:.2f} | {theirs:.2f} | "
                           f"{ours / theirs:.2f}x |", flush=True)
 
