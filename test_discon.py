@@ -811,7 +811,7 @@ def test_tokenizer_loss_kl_is_the_gaussian_kl_of_the_posterior():
 
 
 def test_tokenizer_loss_decodes_a_sample_of_the_posterior_as_the_continuous_view():
-    tok = tiny_tokenizer().eval()
+    tok = tiny_tokenizer(decoder_noise=0.0).eval()
     with torch.no_grad():
         tok.encoder.net[-1].bias[4:] = -2.0                       # posterior std about exp(-1), far from 1 and exp(-2)
     x = images(8)
@@ -821,6 +821,23 @@ def test_tokenizer_loss_decodes_a_sample_of_the_posterior_as_the_continuous_view
     mean, logvar = posterior(tok, x)
     noise = (decoded[0][:8].detach() - mean) / (0.5 * logvar).exp()   # the reparameterisation's noise: N(0, 1)
     assert abs(float(noise.mean())) < 0.1 and abs(float(noise.std()) - 1) < 0.1
+
+
+def test_tokenizer_loss_adds_decoder_noise_at_the_scale_of_c_per_channel():
+    tok = tiny_tokenizer(decoder_noise=0.3).eval()
+    with torch.no_grad():
+        tok.encoder.net[-1].bias[4:] = -12.0                      # posterior std about exp(-6): the added noise dominates
+        tok.encoder.net[-1].bias[:4] = torch.tensor([0.0, 1.0, -2.0, 3.0])
+        tok.encoder.net[-1].weight[:4] *= torch.tensor([0.1, 1.0, 4.0, 0.5]).view(4, 1, 1, 1)  # channels of other scales
+    x = images(32)
+    decoded = []
+    tok.decoder.register_forward_hook(lambda module, inputs, output: decoded.append(inputs[0]))
+    tok(x, generator=torch.Generator().manual_seed(0))
+    mean, logvar = posterior(tok, x)
+    std = (logvar.exp() + (0.3 * mean.std(dim=(0, 2, 3), keepdim=True)) ** 2).sqrt()   # the two noises, independent
+    noise = (decoded[0][:32].detach() - mean) / std
+    assert abs(float(noise.mean())) < 0.1
+    torch.testing.assert_close(noise.std(dim=(0, 2, 3)), torch.ones(4), rtol=0, atol=0.1)
 
 
 def test_tokenizer_loss_decodes_the_codes_of_the_posterior_mean_as_the_discrete_view():
@@ -953,7 +970,7 @@ def test_generate_gives_the_head_its_own_temperature():
 
 def test_discon_samples_d_from_the_prior_then_c_given_that_d_and_decodes_c():
     model, y = tiny_model("discon"), torch.tensor([0, 3])
-    d = model.prior.sample(y, 2.0, 1.0, 0, torch.Generator().manual_seed(0))        # the prior draws first
+    d = model.prior.sample(y, 2.0, model.cfg.temperature, 0, torch.Generator().manual_seed(0))  # the prior draws first
     sampled, sample = [], model.continuous.sample
     model.continuous.sample = lambda *args: sampled.append((args, sample(*args))) or sampled[-1][1]
     decoded = spy(model.tokenizer, "decode")
