@@ -59,7 +59,7 @@ class TrainConfig:
     seed: int = 0
     batch_size: int = 32          # global: per optimizer step, split over processes and accumulation steps
     grad_accum: int = 1
-    tokenizer_steps: int = 1500   # the defaults (and the quick preset) take ~6 minutes on 2 CPU cores
+    tokenizer_steps: int = 1500   # the defaults (and the quick preset) take 6.5 to 12 minutes on 2 CPU cores (README)
     tokenizer_lr: float = 3e-3
     model_steps: int = 7000
     model_lr: float = 3e-3
@@ -89,7 +89,7 @@ POSITIVE = {"batch_size", "grad_accum", "tokenizer_steps", "tokenizer_lr", "mode
 NON_NEGATIVE = {"seed", "warmup", "weight_decay", "grad_clip"}
 # A preset overrides the dataclass defaults (keys are flag names); the command line overrides the preset.
 PRESETS = {
-    # Shapes at 32x32 in about 6 minutes on 2 CPU cores: TrainConfig's defaults, a small tokenizer (4x4 grid of 16
+    # Shapes at 32x32 in 6.5 to 12 minutes on 2 CPU cores: TrainConfig's defaults, a small tokenizer (4x4 grid of 16
     # channels, 128 codes; base width 16: rFID 92 of the continuous view against 135 at width 8, and 32 is no better)
     # and a prior and a continuous model of 2 layers at width 128 each; measured choices, see docs/experiments.md.
     "quick": {"tokenizer.base_channels": 16, "tokenizer.downsample": 8, "tokenizer.latent_channels": 16,
