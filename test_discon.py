@@ -1785,6 +1785,37 @@ def test_resume_after_a_kill_ends_with_the_same_weights(stage, tmp_path, monkeyp
     assert steps == [(1, 1), (1, 2), (1, 3), (1, 4), (2, 1), (2, 2), (2, 3), (2, 4)]  # step 3 logged once
 
 
+def test_optimizer_moments_take_their_parameters_layout_when_loaded():
+    # Stage 1 runs channels_last on a CPU; a resume in the default layout (a GPU) must not keep the saved moments'.
+    conv = torch.nn.Conv2d(3, 8, 3).to(memory_format=torch.channels_last)
+    saved = torch.optim.AdamW(conv.parameters())
+    conv(torch.randn(2, 3, 8, 8).contiguous(memory_format=torch.channels_last)).sum().backward()
+    saved.step()
+    plain = torch.nn.Conv2d(3, 8, 3)
+    optimizer = torch.optim.AdamW(plain.parameters())
+    train.load_optimizer(optimizer, saved.state_dict())
+    weight, moments = plain.weight, optimizer.state[plain.weight]
+    assert moments["exp_avg"].stride() == moments["exp_avg_sq"].stride() == weight.stride() != conv.weight.stride()
+    torch.testing.assert_close(moments["exp_avg"], saved.state[conv.weight]["exp_avg"], rtol=0, atol=0)
+
+
+def test_a_checkpoint_without_decoder_noise_reads_as_trained_without_it(tmp_path, trained):
+    ckpt = load(trained / "tokenizer.pt")
+    del ckpt["config"]["tokenizer"]["decoder_noise"]
+    torch.save(ckpt, tmp_path / "tokenizer.pt")
+    assert train.load_checkpoint(str(tmp_path / "tokenizer.pt"), stage=1)["config"]["tokenizer"]["decoder_noise"] == 0
+
+
+def test_resume_accepts_other_sampling_settings_and_refuses_other_training_ones(tmp_path, trained, fast_shapes):
+    out = tmp_path / "run"
+    out.mkdir()
+    shutil.copy(trained / "model.pt", out / "model.pt")
+    stage_2 = TINY + ["--stage", "2", "--tokenizer", str(trained / "tokenizer.pt"), "--out_dir", str(out), "--resume"]
+    train.main(stage_2 + ["--temperature", "0.9", "--diffusion_steps", "7"])  # finished already: nothing to do
+    with pytest.raises(SystemExit, match="another model config"):
+        train.main(stage_2 + ["--head_width", "48"])
+
+
 def test_the_prior_of_a_discon_model_trains_exactly_as_the_discrete_model(tmp_path, trained, fast_shapes):
     # The two share their initial weights, batches, label dropout and gradient clip, so their priors stay equal.
     for mode in ("discon", "discrete"):

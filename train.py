@@ -59,7 +59,7 @@ class TrainConfig:
     seed: int = 0
     batch_size: int = 32          # global: per optimizer step, split over processes and accumulation steps
     grad_accum: int = 1
-    tokenizer_steps: int = 1500   # the defaults (and the quick preset) take 6.5 to 12 minutes on 2 CPU cores (README)
+    tokenizer_steps: int = 1500   # the defaults (and the quick preset) take about 12 minutes on 2 CPU cores (README's)
     tokenizer_lr: float = 3e-3
     model_steps: int = 7000
     model_lr: float = 3e-3
@@ -89,7 +89,7 @@ POSITIVE = {"batch_size", "grad_accum", "tokenizer_steps", "tokenizer_lr", "mode
 NON_NEGATIVE = {"seed", "warmup", "weight_decay", "grad_clip"}
 # A preset overrides the dataclass defaults (keys are flag names); the command line overrides the preset.
 PRESETS = {
-    # Shapes at 32x32 in 6.5 to 12 minutes on 2 CPU cores: TrainConfig's defaults, a small tokenizer (4x4 grid of 16
+    # Shapes at 32x32 in about 12 minutes on 2 CPU cores (README's): TrainConfig's defaults, a small tokenizer (4x4 grid of 16
     # channels, 128 codes; base width 16: rFID 92 of the continuous view against 135 at width 8, and 32 is no better)
     # and a prior and a continuous model of 2 layers at width 128 each; measured choices, see docs/experiments.md.
     "quick": {"tokenizer.base_channels": 16, "tokenizer.downsample": 8, "tokenizer.latent_channels": 16,
@@ -299,11 +299,19 @@ def writable_or_fail(directory, clean=False):
         os.remove(tmp)
 
 
+# Config fields added after checkpoints of this design were first written, with the value that reproduces how those
+# were trained.
+PREDATED_FIELDS = {"tokenizer": {"decoder_noise": 0.0}}
+
+
 def load_checkpoint(path, stage=None):
     """A checkpoint of train.py (of `stage`, 1 or 2, if given), or fail() in one line that names the file."""
     ckpt = read_or_fail(path, lambda p: torch.load(p, map_location="cpu"), "is it a complete checkpoint of train.py?")
     if not isinstance(ckpt, dict) or ckpt.get("stage") not in ((stage,) if stage else (1, 2)) or "config" not in ckpt:
         fail(f"{path} is not {({1: 'a tokenizer.pt', 2: 'a model.pt'}).get(stage, 'a checkpoint')} of train.py")
+    for part, fields in PREDATED_FIELDS.items():  # a field the checkpoint predates: the value it was trained with
+        for name, value in fields.items():
+            ckpt["config"].get(part, {}).setdefault(name, value)
     return ckpt
 
 
@@ -316,6 +324,16 @@ def load_weights(module, state, path):
         first = str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else str(e)
         fail(f"{path} does not fit the model this version of the code builds ({first}); it was probably written by "
              f"an earlier version: train it again")
+
+
+def load_optimizer(optimizer, state):
+    """optimizer.load_state_dict(state), with each moment copied into its parameter's memory layout: a checkpoint
+    written in another layout (stage 1 runs channels_last on a CPU) would otherwise break fused AdamW on a GPU."""
+    optimizer.load_state_dict(state)
+    for param, moments in optimizer.state.items():
+        for name, value in moments.items():
+            if name != "step" and torch.is_tensor(value) and value.shape == param.shape:
+                moments[name] = torch.empty_like(param).copy_(value)
 
 
 def load_tokenizer(path):
@@ -707,8 +725,9 @@ def train_stage(stage, model, data, train_cfg, config, rank, world, device):
     path = os.path.join(train_cfg.out_dir, name + ".pt")
     image_size = config["tokenizer"]["image_size"]
     model.to(device)
-    # On a CPU the tokenizer's convolutions run 1.2x faster (forward and backward) in channels_last (NHWC) memory:
-    # docs/experiments.md. Unmeasured on GPUs, where stage 1 keeps the default layout.
+    # On the AMD EPYC of docs/experiments.md a stage-1 step (forward, backward, AdamW) ran 1.26x faster with the
+    # weights and images in channels_last (NHWC) memory. Unmeasured on GPUs, where stage 1 keeps the default layout.
+    # Checkpoints load into either layout (load_state_dict copies; load_optimizer below for the moments).
     channels_last = stage == 1 and device.type == "cpu"
     if channels_last:
         model.to(memory_format=torch.channels_last)
@@ -719,7 +738,8 @@ def train_stage(stage, model, data, train_cfg, config, rank, world, device):
         ckpt = load_checkpoint(path, stage)
         for part in ("tokenizer", "model")[:stage]:
             saved = ckpt["config"][part]
-            diff = {k: (saved.get(k), v) for k, v in config[part].items() if saved.get(k) != v}
+            diff = {k: (saved.get(k), v) for k, v in config[part].items()
+                    if saved.get(k) != v and k not in discon.SAMPLING_FIELDS}
             if diff:
                 fail(f"{path} was made with another {part} config, field: (checkpoint, now): {diff}")
         if stage == 2:
@@ -732,7 +752,7 @@ def train_stage(stage, model, data, train_cfg, config, rank, world, device):
             return
         load_weights(model, ckpt["model"], path)
         load_weights(ema, ckpt["ema"], path)
-        optimizer.load_state_dict(ckpt["optimizer"])
+        load_optimizer(optimizer, ckpt["optimizer"])
         step, position = ckpt["step"], (ckpt["data"]["epoch"], ckpt["data"]["index"])
         print0(f"stage {stage}: resuming from {path} at step {step}")
     if rank == 0:
