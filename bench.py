@@ -194,10 +194,6 @@ def load_previous_discon(rev):
     return module
 
 
-SAMPLING_FIELDS = ("diffusion_steps", "sampling_steps", "guidance", "guidance_continuous", "temperature",
-                   "temperature_continuous")
-
-
 def sampling_against(args, preset, mode, previous, batch):
     """Images/s of DisCon.generate, this version and `previous`, the same model size and batch, timed in turns in one
     process: at guidance 1 and 3 on both phases, then at each version's own sampling defaults (its config's guidance,
@@ -210,7 +206,7 @@ def sampling_against(args, preset, mode, previous, batch):
         # Only the fields a version knows; the previous one keeps its own sampling defaults.
         known = lambda config, cls, skip=(): {k: v for k, v in asdict(config).items()
                                               if k in {f.name for f in fields(cls)} and k not in skip}
-        skip = SAMPLING_FIELDS if module is previous else ()
+        skip = discon.SAMPLING_FIELDS if module is previous else ()
         models.append(module.DisCon(module.DisConConfig(**known(model_cfg, module.DisConConfig, skip)),
                                     module.Tokenizer(module.TokenizerConfig(**known(tok_cfg, module.TokenizerConfig))))
                       .eval())

@@ -826,9 +826,9 @@ def test_tokenizer_loss_decodes_a_sample_of_the_posterior_as_the_continuous_view
 def test_tokenizer_loss_adds_decoder_noise_at_the_scale_of_c_per_channel():
     tok = tiny_tokenizer(decoder_noise=0.3).eval()
     with torch.no_grad():
-        tok.encoder.net[-1].bias[4:] = -12.0                      # posterior std about exp(-6): the added noise dominates
+        tok.encoder.net[-1].bias[4:] = -12.0                # posterior std about exp(-6): the added noise dominates
         tok.encoder.net[-1].bias[:4] = torch.tensor([0.0, 1.0, -2.0, 3.0])
-        tok.encoder.net[-1].weight[:4] *= torch.tensor([0.1, 1.0, 4.0, 0.5]).view(4, 1, 1, 1)  # channels of other scales
+        tok.encoder.net[-1].weight[:4] *= torch.tensor([0.1, 1.0, 4.0, 0.5]).view(4, 1, 1, 1)  # channels' scales
     x = images(32)
     decoded = []
     tok.decoder.register_forward_hook(lambda module, inputs, output: decoded.append(inputs[0]))

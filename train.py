@@ -89,9 +89,10 @@ POSITIVE = {"batch_size", "grad_accum", "tokenizer_steps", "tokenizer_lr", "mode
 NON_NEGATIVE = {"seed", "warmup", "weight_decay", "grad_clip"}
 # A preset overrides the dataclass defaults (keys are flag names); the command line overrides the preset.
 PRESETS = {
-    # Shapes at 32x32 in about 12 minutes on 2 CPU cores (README's): TrainConfig's defaults, a small tokenizer (4x4 grid of 16
-    # channels, 128 codes; base width 16: rFID 92 of the continuous view against 135 at width 8, and 32 is no better)
-    # and a prior and a continuous model of 2 layers at width 128 each; measured choices, see docs/experiments.md.
+    # Shapes at 32x32 in about 12 minutes on 2 CPU cores (README's): TrainConfig's defaults, a small tokenizer (4x4
+    # grid of 16 channels, 128 codes; base width 16: rFID 92 of the continuous view against 135 at width 8, and 32 is
+    # no better) and a prior and a continuous model of 2 layers at width 128 each; measured choices, see
+    # docs/experiments.md.
     "quick": {"tokenizer.base_channels": 16, "tokenizer.downsample": 8, "tokenizer.latent_channels": 16,
               "tokenizer.codebook_size": 128, "n_layer": 2, "n_head": 4, "n_embd": 128, "head_width": 128,
               "head_depth": 2, "diffusion_batch_mul": 1},
