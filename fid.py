@@ -272,7 +272,7 @@ def load_inception(weights=None, device="cpu"):
     return model.eval().requires_grad_(False).to(device)
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Files and flags, shared with train.py, sample.py and bench.py
+# Files and flags
 
 
 def positive(kind, zero=False):
