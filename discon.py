@@ -1,16 +1,13 @@
-"""DisCon: discrete tokens as conditions for continuous autoregressive image generation, in one file.
-
-A reference implementation of Zheng et al., "Rethinking Discrete Tokens: Treating Them as Conditions for Continuous
-Autoregressive Image Synthesis" (arXiv 2507.01756, ICCV 2025). An image has two views of one latent grid: the discrete
-VQ index grid d and the continuous latent grid c. DisCon samples d from a discrete autoregressive prior, then c from a
-masked continuous model conditioned on d, and decodes only c:
+"""DisCon (Zheng et al., "Rethinking Discrete Tokens: Treating Them as Conditions for Continuous Autoregressive Image
+Synthesis", arXiv 2507.01756, ICCV 2025) in one file. An image has two views of one latent grid: the discrete VQ index
+grid d and the continuous latent grid c. DisCon samples d from a discrete autoregressive prior, then c from a masked
+continuous model conditioned on d, and decodes only c:
 
     p(c | y) = sum_d p(d | y) p(c | d, y)            y = class label
 
-The file reads like the method: configs; the tokenizer (c and d of one grid); Gaussian diffusion and the diffusion head
-(p(c_i | .) of one token); the transformer; the discrete prior p(d | y) (LlamaGen-like, causal); the continuous model
-p(c | d, y) (MAR-like, bidirectional, random order); DisCon, the two together. README.md lists where this differs from
-the paper and why.
+The file reads like the method: configs, the tokenizer (c and d of one grid), Gaussian diffusion and the diffusion
+head (p(c_i | .) of one token), the transformer, the discrete prior p(d | y) (LlamaGen-like), the continuous model
+p(c | d, y) (MAR-like), and DisCon, the two together. README.md says where it differs from the paper, and why.
 """
 import math
 from dataclasses import dataclass
@@ -23,15 +20,14 @@ import torch.nn.functional as F
 MODES = ("discon", "continuous", "discrete")
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Configs. The defaults are the quick preset (README's quick start, 2 CPU cores); PRESETS holds the GPU recipes.
-# asdict(config) is saved in every checkpoint and rebuilds the model alone (build_model).
+# Configs: the defaults are the quick preset (README's quick start), PRESETS the GPU ones. Checkpoints store asdict().
 
 
 @dataclass
 class TokenizerConfig:
     image_size: int = 32               # CIFAR-10 and the built-in shapes are 32x32
     in_channels: int = 3
-    base_channels: int = 16            # quick preset: rFID of c 92 at 16 against 135 at 8; 32 no better (experiments.md)
+    base_channels: int = 16            # rFID of c 92 at 16, 135 at 8, no better at 32 (quick preset, experiments.md)
     downsample: int = 8                # 32x32 -> a 4x4 grid, N = 16 tokens (the paper: 256 -> 16x16, N = 256)
     latent_channels: int = 16          # C (VA-VAE, the paper's continuous tokenizer, has 32)
     codebook_size: int = 128           # K (MaskGIT's VQGAN, the paper's discrete tokenizer, has 1024)
@@ -39,14 +35,12 @@ class TokenizerConfig:
     commitment_weight: float = 0.25    # beta of VQ-VAE (van den Oord et al. 2017), also LlamaGen's
     dead_code_threshold: float = 0.1   # a code whose usage EMA falls below this is restarted on an encoder output
     usage_decay: float = 0.99          # EMA decay of the per-code usage counts
-    decoder_noise: float = 0.3         # the decoder also learns from c + this * std(c) * N(0, 1), so that it decodes
-                                       # the continuous model's samples, which miss c by about 0.4 std (experiments.md)
+    decoder_noise: float = 0.3         # the decoder also learns c + this std(c) N(0, 1), as samples miss c (README)
 
     def __post_init__(self):
         check_fields(self, positive=("image_size", "in_channels", "base_channels", "latent_channels", "codebook_size"),
-                     non_negative=("kl_weight", "commitment_weight", "dead_code_threshold", "decoder_noise"))
-        if not 0 <= self.usage_decay < 1:
-            raise ValueError(f"usage_decay must be in [0, 1), got {self.usage_decay}")
+                     non_negative=("kl_weight", "commitment_weight", "dead_code_threshold", "decoder_noise"),
+                     below=dict(usage_decay=1))
         if self.downsample < 2 or self.downsample & (self.downsample - 1):  # n & (n - 1) is 0 for powers of 2 only
             raise ValueError(f"downsample must be a power of 2 (4 or 8), got {self.downsample}")
         if self.image_size % self.downsample:
@@ -70,17 +64,15 @@ class DisConConfig:
     head_depth: int = 2
     diffusion_batch_mul: int = 1       # (t, noise) draws per condition per step (MAR: 4); 1 is faster on a CPU
     num_timesteps: int = 1000          # DDPM's and MAR's training steps
-    # Sampling defaults, one set per phase (generate's and sample.py's); picked on the quick preset, experiments.md
-    # "The masked design's sampling settings" and "What limits the continuous stage".
+    # Sampling defaults, each one phase's, picked on the quick preset (experiments.md: "What limits the continuous")
     discrete_guidance: float = 3.0     # classifier-free guidance scale on the prior's logits; 1 = none
     discrete_temperature: float = 0.6  # divides the prior's logits
     continuous_guidance: float = 1.0   # scale on the head's eps, ramped up from 1 as tokens are revealed (MAR)
     continuous_temperature: float = 0.4  # scales the noise of the head's reverse chain (MAR's temperature)
     sampling_steps: int = 4            # steps of the continuous model, each revealing several tokens (MAR: 64 for 256)
     diffusion_steps: int = 10          # respaced reverse-diffusion steps of the head per token (MAR: 100)
-    clip_latent: float = 5.0           # the reverse chain clamps its estimate of the clean c to +-this (c has unit
-                                       # std per channel): ADM's clip_denoised; without it the first step multiplies
-                                       # the eps error by 1 / sqrt(abar_999) = 2e4 and samples diverge
+    clip_latent: float = 5.0           # the chain clamps its estimate of the clean c (unit std) to +-this, as ADM's
+                                       # clip_denoised: the first step multiplies eps by 1 / sqrt(abar_999) = 2e4
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -88,30 +80,28 @@ class DisConConfig:
         check_fields(self, positive=("num_classes", "n_layer", "n_head", "n_embd", "head_width", "head_depth",
                                      "diffusion_batch_mul", "num_timesteps", "discrete_temperature",
                                      "continuous_temperature", "sampling_steps", "diffusion_steps", "clip_latent"),
-                     non_negative=("discrete_guidance", "continuous_guidance"))
-        if not 0 <= self.dropout < 1:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
-        if not 0 <= self.label_drop < 0.5:
-            raise ValueError(f"label_drop must be in [0, 0.5), got {self.label_drop}")
+                     non_negative=("discrete_guidance", "continuous_guidance"), below=dict(dropout=1, label_drop=0.5))
         if self.diffusion_steps > self.num_timesteps:
             raise ValueError(f"diffusion_steps {self.diffusion_steps} is more than num_timesteps {self.num_timesteps}")
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd {self.n_embd} is not divisible by n_head {self.n_head}")
 
 
-def check_fields(config, positive=(), non_negative=()):
-    """ValueError naming the first field in `positive` that is not a finite number > 0, or in `non_negative` >= 0.
-    The message starts with the field's name, which train.py turns into its flag."""
+def check_fields(config, positive=(), non_negative=(), below=None):
+    """ValueError naming the first field in `positive` that is not a finite number > 0, in `non_negative` not >= 0, or
+    in `below` ({field: bound}) not in [0, bound). It starts with the field's name, which train.py makes a flag."""
     for name in positive + non_negative:
         value = getattr(config, name)
         if not (math.isfinite(value) and (value > 0 if name in positive else value >= 0)):
             raise ValueError(f"{name} must be {'> 0' if name in positive else '>= 0'}, got {value}")
+    for name, bound in (below or {}).items():
+        if not 0 <= getattr(config, name) < bound:
+            raise ValueError(f"{name} must be in [0, {bound}), got {getattr(config, name)}")
 
 
-# The GPU recipes' tokenizer and model: the fields that differ from the defaults above (train.py adds each preset's
-# data and optimisation). Transformers of GPT-2 small's depth at width 512 for CIFAR-10, MAR-B's size for ImageNet-64
-# (24 x 768: its 12 encoder + 12 decoder blocks); MAR's head width, its 100 diffusion steps, and its ratio of 64
-# sampling steps to 256 tokens. Never trained end to end.
+# Each preset's tokenizer and model fields that differ from the defaults (train.py adds its data and optimisation):
+# GPT-2 small's depth at width 512 for CIFAR-10, MAR-B's 24 x 768 (12 encoder + 12 decoder blocks) for ImageNet-64;
+# MAR's head width, 100 diffusion steps, and 64 sampling steps per 256 tokens. Never trained end to end.
 PRESETS = {
     "quick": ({}, {}),
     "cifar10": (dict(base_channels=64, downsample=4, latent_channels=8, codebook_size=512),
@@ -136,8 +126,7 @@ def to_uint8(x):
 
 
 class ResBlock(nn.Module):
-    """x + conv(silu(conv(silu(x)))). No GroupNorm (LDM has it): it subtracts the per-image offsets that carry colour,
-    and the quick tokenizer learnt grey images with it (experiments.md, "Why the tokenizer was grey")."""
+    """x + conv(silu(conv(silu(x)))), without LDM's GroupNorm, with which images came out grey (experiments.md)."""
 
     def __init__(self, ch_in, ch_out):
         super().__init__()
@@ -149,30 +138,19 @@ class ResBlock(nn.Module):
         return self.skip(x) + self.conv2(F.silu(self.conv1(F.silu(x))))
 
 
-def widths(cfg):
-    """Channel width at each resolution, doubling per downsampling step, capped at 4x (LDM's f=4 autoencoder: 1,2,4)."""
-    return [cfg.base_channels * min(2 ** i, 4) for i in range(int(math.log2(cfg.downsample)) + 1)]
-
-
-class Encoder(nn.Sequential):
-    def __init__(self, cfg):
-        w = widths(cfg)
-        layers = [nn.Conv2d(cfg.in_channels, w[0], 3, padding=1)]
-        for i in range(len(w) - 1):
-            layers += [ResBlock(w[i], w[i + 1]), nn.Conv2d(w[i + 1], w[i + 1], 3, stride=2, padding=1)]
-        layers += [ResBlock(w[-1], w[-1]), nn.SiLU(), nn.Conv2d(w[-1], 2 * cfg.latent_channels, 1)]  # mean, logvar
-        super().__init__(*layers)
-
-
-class Decoder(nn.Sequential):
-    def __init__(self, cfg):
-        w = widths(cfg)[::-1]
-        layers = [nn.Conv2d(cfg.latent_channels, w[0], 3, padding=1), ResBlock(w[0], w[0])]
-        for i in range(len(w) - 1):
-            layers += [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(w[i], w[i], 3, padding=1),
-                       ResBlock(w[i], w[i + 1])]
-        layers += [nn.SiLU(), nn.Conv2d(w[-1], cfg.in_channels, 3, padding=1)]
-        super().__init__(*layers)
+def encoder_and_decoder(cfg):
+    """Conv stacks image -> (posterior mean, log-variance) and latents -> image, mirrored; the width doubles at each
+    downsampling by 2, capped at 4x (LDM's f=4 autoencoder: 1, 2, 4)."""
+    w = [cfg.base_channels * min(2 ** i, 4) for i in range(int(math.log2(cfg.downsample)) + 1)]
+    encoder = [nn.Conv2d(cfg.in_channels, w[0], 3, padding=1)]
+    for a, b in zip(w, w[1:]):
+        encoder += [ResBlock(a, b), nn.Conv2d(b, b, 3, stride=2, padding=1)]
+    encoder += [ResBlock(w[-1], w[-1]), nn.SiLU(), nn.Conv2d(w[-1], 2 * cfg.latent_channels, 1)]
+    decoder = [nn.Conv2d(cfg.latent_channels, w[-1], 3, padding=1), ResBlock(w[-1], w[-1])]
+    for a, b in zip(w[::-1], w[::-1][1:]):
+        decoder += [nn.Upsample(scale_factor=2), nn.Conv2d(a, a, 3, padding=1), ResBlock(a, b)]
+    decoder += [nn.SiLU(), nn.Conv2d(w[0], cfg.in_channels, 3, padding=1)]
+    return nn.Sequential(*encoder), nn.Sequential(*decoder)
 
 
 def nearest_code(z, codes):
@@ -189,7 +167,7 @@ class Tokenizer(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.cfg = cfg
-        self.encoder, self.decoder = Encoder(cfg), Decoder(cfg)
+        self.encoder, self.decoder = encoder_and_decoder(cfg)
         for m in self.modules():  # variance-preserving init (std 1 / sqrt(fan_in)): colour survives a dozen layers
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, nonlinearity="linear")
@@ -203,11 +181,9 @@ class Tokenizer(nn.Module):
 
     def check_images(self, x):
         expected = (self.cfg.in_channels, self.cfg.image_size, self.cfg.image_size)
-        if x.dim() != 4 or tuple(x.shape[1:]) != expected:
-            raise ValueError(f"expected images of shape (B, {', '.join(map(str, expected))}), got {tuple(x.shape)}: "
-                             f"resize them or build a tokenizer for their size")
-        if not x.is_floating_point():
-            raise ValueError(f"expected float images in [-1, 1], got dtype {x.dtype}: convert with x / 127.5 - 1")
+        if x.dim() != 4 or tuple(x.shape[1:]) != expected or not x.is_floating_point():
+            raise ValueError(f"expected float images of shape (B, {', '.join(map(str, expected))}) in [-1, 1], got "
+                             f"{tuple(x.shape)} {x.dtype}: resize them, and convert uint8 ones with x / 127.5 - 1")
 
     def quantize(self, z):
         """z (B, C, h, w) -> (q, d, vq_loss): q the codes of d with z's gradient (straight-through), d (B, h, w) the
@@ -220,9 +196,9 @@ class Tokenizer(nn.Module):
 
     @torch.no_grad()
     def restart_dead_codes(self, z, generator=None):
-        """Move every code whose usage EMA is below dead_code_threshold onto a random encoder output of z (B, C, h, w),
-        gathered over all processes, and give it a usage of 1 (a grace period). Every code draws a candidate
-        (torch.randint over the outputs) and the dead ones take theirs: counting them would cost a host sync."""
+        """Move each code whose usage EMA is below dead_code_threshold onto a random encoder output of z (B, C, h, w)
+        of all processes, with a usage of 1 (a grace period). Every code draws a candidate (torch.randint) and the dead
+        ones take theirs: counting them would cost a host sync."""
         flat = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])                             # (B h w, C)
         if dist.is_initialized():  # the whole batch, in rank order: the codebook does not depend on the split
             parts = [torch.empty_like(flat) for _ in range(dist.get_world_size())]
@@ -238,8 +214,7 @@ class Tokenizer(nn.Module):
 
     @torch.no_grad()
     def update_usage(self, d):
-        """Fold the code counts of d (over all processes) into the usage EMA -> (perplexity, fraction of codes used)
-        of this batch's codes."""
+        """Fold the code counts of d (all processes') into the usage EMA -> (perplexity, fraction of codes used)."""
         counts = torch.bincount(d.flatten(), minlength=self.cfg.codebook_size).float()
         if dist.is_initialized():
             dist.all_reduce(counts)
@@ -248,9 +223,9 @@ class Tokenizer(nn.Module):
         return torch.exp(-(probs * torch.log(probs.clamp_min(1e-10))).sum()), (counts > 0).float().mean()
 
     def forward(self, x, generator=None):
-        """Training losses of images x: a dict of terms, "loss" the one to backpropagate. The decoder reconstructs x
-        from both views: c, a posterior sample plus decoder_noise times c's per-channel std (over the batch) of noise,
-        and d's codebook vectors. L1 reconstruction, as LDM's autoencoder (without its perceptual and GAN terms)."""
+        """Training losses of images x, a dict; "loss" is the one to backpropagate. The decoder reconstructs x from
+        both views: c, a posterior sample plus decoder_noise times c's per-channel std (over the batch) of noise, and
+        d's codebook vectors. L1 reconstruction, as LDM's autoencoder (without its perceptual and GAN terms)."""
         self.check_images(x)
         mean, logvar = self.encoder(x).chunk(2, dim=1)
         logvar = logvar.clamp(-30.0, 20.0)
@@ -273,18 +248,14 @@ class Tokenizer(nn.Module):
     # Encoding and decoding run in float32 even under autocast: a bf16 encoder gave another d at 1.3% of positions and
     # a bf16 decoder moved 18% of the pixels of a sample, so a GPU would not see what a CPU sees (experiments.md).
 
-    def encoder_mean(self, x):
-        """The posterior mean (B, C, h, w) of images x: c before its normalisation."""
-        with torch.autocast(x.device.type, enabled=False):
-            return self.encoder(x.to(self.codebook.weight.dtype))[:, :self.cfg.latent_channels]
-
     @torch.no_grad()
-    def encode(self, x):
-        """Images -> (c, d): c the normalised posterior mean (B, C, h, w), d its nearest codes (B, h, w)."""
+    def encode(self, x, normalise=True):
+        """Images -> (c, d): c the posterior mean (B, C, h, w), normalised unless told not, d its nearest codes."""
         self.check_images(x)
-        mean = self.encoder_mean(x)
-        d = self.quantize(mean)[1]
-        return (mean - self.latent_mean.view(1, -1, 1, 1)) / self.latent_std.view(1, -1, 1, 1), d
+        with torch.autocast(x.device.type, enabled=False):
+            mean = self.encoder(x.to(self.codebook.weight.dtype))[:, :self.cfg.latent_channels]
+        c = (mean - self.latent_mean.view(1, -1, 1, 1)) / self.latent_std.view(1, -1, 1, 1) if normalise else mean
+        return c, self.quantize(mean)[1]
 
     def decode(self, c):
         """Normalised continuous grid (B, C, h, w) -> images (B, 3, H, W), about [-1, 1]."""
@@ -299,11 +270,11 @@ class Tokenizer(nn.Module):
 
     @torch.no_grad()
     def fit_latent_stats(self, batches):
-        """Set latent_mean and latent_std to the per-channel mean and (population) std of the posterior mean over an
-        iterable of image batches, accumulated in float64 -> (mean, std)."""
+        """Set latent_mean, latent_std to the per-channel mean and population std (in float64) of the posterior mean
+        over an iterable of image batches -> (mean, std)."""
         total, total_sq, count = 0.0, 0.0, 0
         for x in batches:
-            mean = self.encoder_mean(x.to(self.latent_mean.device)).double()
+            mean = self.encode(x.to(self.latent_mean.device), normalise=False)[0].double()
             total, total_sq = total + mean.sum((0, 2, 3)), total_sq + mean.pow(2).sum((0, 2, 3))
             count += mean.numel() // mean.shape[1]
         mu = total / count
@@ -315,8 +286,7 @@ class Tokenizer(nn.Module):
 # ----------------------------------------------------------------------------------------------------------------------
 # Gaussian diffusion over one token's C channels (DDPM, Ho et al. 2020), as MAR's diffusion loss uses it: cosine
 # schedule (Nichol & Dhariwal 2021), T = 1000, epsilon prediction, ancestral sampling on a respaced subset of steps.
-# MAR learns the variance with an extra VLB term; here it is fixed at the posterior variance (improved DDPM's "fixed
-# small"), which is simpler.
+# MAR learns the variance (an extra VLB term); here it is fixed at the posterior variance, which is simpler.
 
 
 def cosine_betas(num_timesteps, s=0.008, max_beta=0.999):
@@ -331,8 +301,7 @@ def classifier_free_guidance(cond, uncond, scale):
     return uncond + scale * (cond - uncond)
 
 
-class GaussianDiffusion(nn.Module):
-    """Holds no parameters; a module so that its q_sample tables follow the model to its device."""
+class GaussianDiffusion(nn.Module):  # no parameters; a module so that its tables follow the model to its device
 
     def __init__(self, num_timesteps=1000):
         super().__init__()
@@ -354,23 +323,21 @@ class GaussianDiffusion(nn.Module):
         return F.mse_loss(model(self.q_sample(x0, t, noise), t, cond).float(), noise.float())
 
     def respaced(self, diffusion_steps):
-        """The reverse chain on `diffusion_steps` timesteps (improved DDPM's respacing), a dict of float64 tensors of
-        that length, ascending in t: "timesteps" (long) linspace(T - 1, 0, steps), rounded, so that it always ends at
-        T - 1 (one step: [T - 1]); "alphas_cumprod" abar there; "coef_x0" and "coef_xt" of the posterior mean
-        coef_x0 x0 + coef_xt x_t given the previous chain step; "log_var" the log posterior variance, whose first entry
-        (0 there) takes the second's value (improved DDPM; 0 for one step). ValueError unless 1 <= steps <= T."""
+        """The reverse chain on `diffusion_steps` timesteps (improved DDPM's respacing): a dict of float64 tensors,
+        ascending in t. "timesteps" (long): linspace(T - 1, 0, steps) rounded, so it ends at T - 1 (one step: [T - 1]);
+        "alphas_cumprod": abar there; "coef_x0", "coef_xt": the posterior mean coef_x0 x0 + coef_xt x_t given the
+        previous step; "log_var": the posterior variance's log, its first entry (0) set to the second's (0 for one
+        step), as improved DDPM. ValueError unless 1 <= diffusion_steps <= T."""
         if not 1 <= diffusion_steps <= self.num_timesteps:
-            raise ValueError(f"diffusion_steps must be in [1, {self.num_timesteps}], got {diffusion_steps}")
+            raise ValueError(f"diffusion_steps must be in [1, {self.num_timesteps}], not {diffusion_steps}")
         t = torch.linspace(self.num_timesteps - 1, 0, diffusion_steps).round().long().flip(0)
         abar = self.alphas_cumprod[t]
         abar_prev = torch.cat([torch.ones(1, dtype=torch.float64), abar[:-1]])
         betas = 1 - abar / abar_prev
         var = betas * (1 - abar_prev) / (1 - abar)                                         # beta tilde
-        return dict(timesteps=t, alphas_cumprod=abar,
-                    coef_x0=betas * abar_prev.sqrt() / (1 - abar),
-                    coef_xt=(1 - abar_prev) * (1 - betas).sqrt() / (1 - abar),
-                    log_var=torch.log(torch.cat([var[1:2], var[1:]])) if diffusion_steps > 1 else torch.zeros(1,
-                                                                                             dtype=torch.float64))
+        log_var = torch.log(torch.cat([var[1:2], var[1:]])) if diffusion_steps > 1 else torch.zeros(1).double()
+        return dict(timesteps=t, alphas_cumprod=abar, coef_x0=betas * abar_prev.sqrt() / (1 - abar),
+                    coef_xt=(1 - abar_prev) * (1 - betas).sqrt() / (1 - abar), log_var=log_var)
 
     def sample(self, eps_fn, shape, diffusion_steps, temperature=1.0, generator=None, device=None,
                dtype=torch.float32, clip_x0=None):
@@ -466,16 +433,15 @@ class DiffusionHead(nn.Module):
 
 
 class KVCache:
-    """Keys and values of every layer for the first `length` positions, filled in place as tokens arrive."""
+    """Keys and values of every layer for the first `length` positions, filled as tokens arrive."""
 
     def __init__(self, n_layer, max_len):
         self.max_len, self.length = max_len, 0
         self.k, self.v = [None] * n_layer, [None] * n_layer
 
     def update(self, layer, k, v):
-        """Store k, v (B, nh, T, hs) at positions [length, length + T) of `layer` (allocated, max_len long, on first
-        use) -> the keys and values (B, nh, length + T, hs) of every position so far. Transformer.forward advances
-        length after its last layer."""
+        """Store k, v (B, nh, T, hs) at positions [length, length + T) of `layer` (allocated max_len long on first use)
+        -> keys and values (B, nh, length + T, hs) of every position so far. Transformer.forward advances length."""
         if self.k[layer] is None:
             B, nh, _, hs = k.shape
             self.k[layer], self.v[layer] = k.new_zeros(B, nh, self.max_len, hs), v.new_zeros(B, nh, self.max_len, hs)
@@ -522,8 +488,7 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-    """Input embeddings (B, T, D) -> outputs (B, T, D); with a cache (causal only), the T inputs continue the cached
-    positions."""
+    """Input embeddings (B, T, D) -> outputs (B, T, D); with a cache (causal), the T inputs follow the cached ones."""
 
     def __init__(self, cfg, block_size, causal=True):
         super().__init__()
@@ -531,10 +496,6 @@ class Transformer(nn.Module):
         self.position_embed = nn.Embedding(block_size, cfg.n_embd)
         self.blocks = nn.ModuleList(Block(cfg, i, causal) for i in range(cfg.n_layer))
         self.norm = nn.LayerNorm(cfg.n_embd)
-
-    def new_cache(self):
-        assert self.causal, "a bidirectional transformer has no KV cache: every position sees the later ones"
-        return KVCache(len(self.blocks), self.block_size)
 
     def forward(self, x, kv_cache=None):
         start = kv_cache.length if kv_cache is not None else 0
@@ -548,8 +509,7 @@ class Transformer(nn.Module):
 
 
 def gpt2_init(module, n_layer):
-    """GPT-2's init (nanoGPT): N(0, 0.02) for linear and embedding weights, N(0, 0.02 / sqrt(2 n_layer)) for the
-    residual projections, zero biases."""
+    """GPT-2's (nanoGPT): weights N(0, 0.02), residual projections N(0, 0.02 / sqrt(2 n_layer)), biases 0."""
     for name, m in module.named_modules():
         if isinstance(m, (nn.Linear, nn.Embedding)):
             residual = name.endswith((".attn.proj", ".mlp.2"))
@@ -559,16 +519,14 @@ def gpt2_init(module, n_layer):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# The discrete prior p(d | y), LlamaGen's recipe: one causal sequence [y, d_1 .. d_N-1]; the output at position j
-# predicts d_(j+1) with a softmax over the K codes. Next-token cross-entropy in training; token by token with a KV
-# cache in sampling. It is the whole `discrete` baseline and the first half of DisCon. Classifier-free guidance: the
-# class is replaced by a learned null class at rate label_drop.
+# The discrete prior p(d | y), LlamaGen's recipe: one causal sequence [y, d_1 .. d_N-1], the output at position j
+# predicting d_(j+1) over the K codes; next-token cross-entropy in training, token by token with a KV cache in sampling.
+# It is the `discrete` baseline and the first half of DisCon. For guidance, y is dropped for a learned null class.
 
 
 def sample_token(logits, guidance, temperature, top_k, generator=None):
-    """One token (B,) from logits (B, K), or, when guidance != 1, from logits (2B, K) whose rows [:B] are conditional
-    and [B:] unconditional, mixed by classifier_free_guidance. The logits are divided by temperature; top_k > 0 keeps
-    the k largest (k capped at K), 0 keeps all. One torch.multinomial draw."""
+    """One token (B,) from logits (B, K), or guided (guidance != 1) from classifier_free_guidance of logits (2B, K),
+    [:B] conditional; divided by temperature; top_k > 0 keeps the k (at most K) largest. One multinomial draw."""
     if guidance != 1:
         logits = classifier_free_guidance(*logits.chunk(2), guidance)
     logits = logits / temperature
@@ -615,7 +573,7 @@ class DiscretePrior(nn.Module):
         B, N = len(y), self.num_tokens
         rows = y if guidance == 1 else torch.cat([y, torch.full_like(y, self.null_class)])
         d = torch.zeros(len(rows), N, dtype=torch.long, device=y.device)
-        cache = self.transformer.new_cache() if use_kv_cache else None
+        cache = KVCache(self.cfg.n_layer, N) if use_kv_cache else None
         for pos in range(N):  # the output at position pos predicts d_(pos + 1), column pos of d
             h = self.transformer(self.embed(rows, d, pos if use_kv_cache else 0, pos + 1), cache)[:, -1]  # (rows, D)
             d[:, pos] = sample_token(self.logits(h).float(), guidance, temperature, top_k, generator).repeat(
@@ -625,20 +583,16 @@ class DiscretePrior(nn.Module):
 
 # ----------------------------------------------------------------------------------------------------------------------
 # The continuous model p(c | d, y), MAR's masked autoregression. A bidirectional transformer over [y, x_1 .. x_N]: x_i
-# embeds c_i where it is known and is a learned mask token where it is not; given d, x_i also carries the embedding of
-# d_i, the discrete token at position i, so every position sees the whole of d. (The paper's figure puts d before c
-# as a prefix; per position keeps the sequence N + 1 long.) Training hides a random subset of positions and applies
-# the diffusion loss there; sampling reveals the positions in a random order, several at a time, and the diffusion
-# head samples each step's tokens together. Without d this is MAR itself, the `continuous` baseline.
-#
-# Classifier-free guidance needs an unconditional model, and p(c | d, null class) is not one: d nearly determines the
-# class. So the condition is dropped as a whole at rate label_drop: the null class and a grid of null codes.
+# embeds c_i where it is known, a learned mask token where not, plus the embedding of d_i, the discrete token at i, so
+# every position sees all of d (the paper's figure puts d before c, as a prefix). Training hides a random subset of
+# positions and applies the diffusion loss there; sampling reveals them in a random order, several at a time, the
+# head sampling each step's tokens together. Without d this is MAR, the `continuous` baseline. For guidance the
+# condition is dropped as a whole (null class and null codes): d alone nearly determines the class.
 
 
 def mask_ratio(generator=None):
-    """One draw of MAR's mask ratio: N(1, 0.25^2) truncated to [0.7, 1], by inverting the normal CDF of one uniform
-    draw (torch.rand, float64). Drawn on the host, where the number of masked positions sets the batch's shapes; a GPU
-    generator seeds that draw from its seed and offset (which advances as it draws)."""
+    """MAR's mask ratio, N(1, 0.25^2) truncated to [0.7, 1], from one uniform draw (torch.rand, float64) through the
+    normal's inverse CDF. On the host (it sets shapes): a GPU generator seeds it from its seed and moving offset."""
     if generator is not None and generator.device.type != "cpu":
         generator = torch.Generator().manual_seed(hash((generator.initial_seed(), generator.get_offset())) % 2 ** 63)
     low = torch.special.ndtr(torch.tensor((0.7 - 1) / 0.25, dtype=torch.float64))       # CDF at the cut, 0.115
@@ -647,9 +601,8 @@ def mask_ratio(generator=None):
 
 
 def reveal_schedule(num_tokens, sampling_steps):
-    """A list of how many tokens each sampling step reveals (MAR's cosine schedule): after step k of S, floor(N cos(pi/2
-    (k + 1) / S)) stay masked, kept within [1, masked - 1] so that each step reveals at least one and leaves at least
-    one, and none after the last. ValueError unless 1 <= sampling_steps <= N."""
+    """How many tokens each of S sampling steps reveals (MAR's cosine schedule), a list: after step k, floor(N cos(pi/2
+    (k + 1) / S)) stay masked, within [1, masked - 1], none after the last. ValueError unless 1 <= S <= N."""
     if not 1 <= sampling_steps <= num_tokens:
         raise ValueError(f"sampling_steps must be in [1, {num_tokens}] (the tokens per image), got {sampling_steps}")
     masked, counts = num_tokens, []
@@ -674,9 +627,8 @@ class ContinuousModel(nn.Module):
             self.null_code = codebook_size
             self.code_embed = nn.Embedding(codebook_size + 1, cfg.n_embd)                 # last row: the null code
         self.transformer = Transformer(cfg, num_tokens + 1, causal=False)
-        gpt2_init(self, cfg.n_layer)
+        gpt2_init(self, cfg.n_layer)                                    # before the head, which keeps its own init
         nn.init.normal_(self.mask_token, std=0.02)                                        # MAR's init of its mask token
-        # Built after gpt2_init, so that the head keeps its own init (zero modulations and output).
         self.diffusion_head = DiffusionHead(latent_channels, cfg.n_embd, cfg.head_width, cfg.head_depth)
         self.diffusion = GaussianDiffusion(cfg.num_timesteps)
 
@@ -696,11 +648,10 @@ class ContinuousModel(nn.Module):
         return y, d
 
     def forward(self, c, d, y, generator=None):
-        """Diffusion loss of c (B, N, C) given d (B, N; None when unconditioned) and y (B,), on n = ceil(mask_ratio * N)
-        masked positions per image. Draws, in this order: in training, the dropped condition (torch.rand, B values);
-        the mask ratio (mask_ratio); the masked positions, the first n of a random order per image (torch.rand(B, N)
-        .argsort); then the diffusion loss's. The head sees each masked token's transformer output, the B n rows
-        repeated diffusion_batch_mul times as a whole (torch.Tensor.repeat: all B n rows, then all again)."""
+        """Diffusion loss of c (B, N, C) given d (B, N; None unconditioned) and y (B,) on n = ceil(mask_ratio * N)
+        masked positions per image. Draws, in order: in training, the dropped condition (torch.rand, B values); the
+        ratio (mask_ratio); the masked positions, the first n of a random order per image (torch.rand(B, N).argsort);
+        the loss's. Its B n rows (masked c_i, their outputs) are tiled diffusion_batch_mul times (Tensor.repeat)."""
         B, N, C = c.shape
         if self.training and self.cfg.label_drop > 0:
             y, d = self.drop_condition(y, d, torch.rand(B, generator=generator, device=y.device) < self.cfg.label_drop)
@@ -715,12 +666,12 @@ class ContinuousModel(nn.Module):
 
     @torch.no_grad()
     def sample(self, y, d, guidance, temperature, sampling_steps, diffusion_steps, generator=None):
-        """c (B, N, C) for labels y (B,) and grids d (B, N; None when unconditioned). Draws, in this order: a random
-        order of the positions per image (torch.rand(B, N).argsort), then each step's head chain. Step k reveals the
-        next reveal_schedule(N, sampling_steps)[k] positions of each image's order: one transformer pass given the
-        tokens known so far, then one sample_latent call for all of them. Guided (guidance != 1), the pass runs on 2B
-        rows, the second B holding the null class and null codes (drop_condition) beside the same known latents, and
-        the scale ramps linearly from 1 to `guidance` with the fraction of tokens known after the step (MAR)."""
+        """c (B, N, C) for labels y (B,) and grids d (B, N; None unconditioned). Draws, in order: a random order of
+        the positions per image (torch.rand(B, N).argsort), then each step's sample_latent. Step k reveals the next
+        reveal_schedule(N, sampling_steps)[k] positions of each order: one transformer pass given the known tokens,
+        one sample_latent for all their outputs. Guided (guidance != 1), the pass has 2B rows, [B:] with the null class
+        and codes (drop_condition) and the same known c; the scale ramps from 1 to `guidance` with the fraction of
+        tokens known after the step (MAR's linear schedule)."""
         B, N, C = len(y), self.num_tokens, self.channels
         order = torch.rand(B, N, generator=generator, device=y.device).argsort(dim=1)     # (B, N) positions by turn
         c = torch.zeros(B, N, C, dtype=self.mask_token.dtype, device=y.device)
@@ -742,10 +693,9 @@ class ContinuousModel(nn.Module):
         return c
 
     def sample_latent(self, z, guidance, temperature, diffusion_steps, generator=None):
-        """One continuous token (M, C) per condition z (M, D), or with guidance != 1 per conditional row of z (2M, D),
-        rows [:M] conditional, [M:] unconditional: GaussianDiffusion.sample with the head's eps (guided by
-        classifier_free_guidance), the temperature, and the clamp at clip_latent. The head's layers follow the
-        caller's autocast; the chain runs in the weights' precision."""
+        """One token (M, C) per condition z (M, D), or guided (guidance != 1) per row of z[:M] of z (2M, D), z[M:]
+        unconditional: GaussianDiffusion.sample with the head's eps (classifier_free_guidance), the temperature and the
+        clamp at clip_latent. The head's layers follow the caller's autocast; the chain, the weights' precision."""
         head = self.diffusion_head
         z_embedded = head.cond_embed(z)                                                   # fixed over the chain
 
@@ -753,7 +703,8 @@ class ContinuousModel(nn.Module):
             cond = head.embed_time(t[:1]) + z_embedded
             if guidance == 1:
                 return head.predict(x_t, cond)
-            return classifier_free_guidance(*head.predict(torch.cat([x_t, x_t]), cond).to(x_t.dtype).chunk(2), guidance)
+            eps = head.predict(torch.cat([x_t, x_t]), cond).to(x_t.dtype)                # mixed in the chain's dtype
+            return classifier_free_guidance(*eps.chunk(2), guidance)
 
         M = len(z) if guidance == 1 else len(z) // 2
         return self.diffusion.sample(eps_fn, (M, self.channels), diffusion_steps, temperature, generator, z.device,
@@ -780,20 +731,10 @@ class DisCon(nn.Module):
             reveal_schedule(self.num_tokens, cfg.sampling_steps)                          # sampling_steps fits the grid
         self.tokenizer = tokenizer.requires_grad_(False).eval()                          # frozen after stage 1
 
-    def parts(self):
-        """The trained models: the prior and/or the continuous model."""
-        return [getattr(self, name) for name in ("prior", "continuous") if hasattr(self, name)]
-
-    def train(self, mode=True):
-        super().train(mode)
-        self.tokenizer.eval()
-        return self
-
     def check_labels(self, y, batch=None):
-        if y.dim() != 1 or y.dtype != torch.long:
-            raise ValueError(f"labels must be a 1-d long tensor, got shape {tuple(y.shape)} and dtype {y.dtype}")
-        if batch is not None and len(y) != batch:
-            raise ValueError(f"got {len(y)} labels for {batch} images")
+        if y.dim() != 1 or y.dtype != torch.long or len(y) != (len(y) if batch is None else batch):
+            raise ValueError(f"labels must be a 1-d long tensor of one label per image, got shape {tuple(y.shape)} "
+                             f"and dtype {y.dtype}" + ("" if batch is None else f" for {batch} images"))
         if y.device.type == "cpu" and len(y) and (y.min() < 0 or y.max() >= self.cfg.num_classes):  # no GPU sync
             raise ValueError(f"labels must be in [0, {self.cfg.num_classes}), got values in [{int(y.min())}, "
                              f"{int(y.max())}]")
@@ -812,8 +753,7 @@ class DisCon(nn.Module):
 
     def forward(self, x, y, generator=None):
         """Training losses for images x (B, 3, H, W) in [-1, 1] or a (c, d) pair, and labels y (B,): "ce" of the
-        prior, "diffusion" of the continuous model, and their sum "loss". The prior draws first, so it sees what the
-        `discrete` model of the same seed sees."""
+        prior, "diffusion" of the continuous model, their sum "loss". The prior draws first (as a `discrete` model)."""
         c, d = self.tokens(x)
         self.check_labels(y, len(d))
         terms = {}
@@ -828,24 +768,17 @@ class DisCon(nn.Module):
     def generate(self, y, discrete_guidance=None, discrete_temperature=None, continuous_guidance=None,
                  continuous_temperature=None, sampling_steps=None, diffusion_steps=None, top_k=0, codes=None,
                  discrete_only=False, generator=None, use_kv_cache=True):
-        """Images (B, 3, H, W) uint8 for labels y (B,): d from the prior, then c given d, then decode(c), in eval mode
-        (the caller's mode is restored).
-
-        Each setting belongs to one phase and defaults (None) to the config's field of the same name: the discrete
-        phase's guidance and temperature go to DiscretePrior.sample with top_k (0 keeps every code) and
-        use_kv_cache (False: the slow path), the continuous phase's to ContinuousModel.sample with sampling_steps and
-        diffusion_steps. Guidance 1 means none. The prior draws first, then the continuous model, from `generator`.
-        codes: discon mode, a discrete grid (B, h, w) to condition on instead of sampling d: p(c | d, y) alone.
-        discrete_only: discon mode, decode_codes(d) instead of sampling c: the `discrete` baseline on this model's
-        prior, with the d that the same generator gives DisCon. ValueError for either in another mode.
-        """
+        """Images (B, 3, H, W) uint8 for labels y (B,): d from the prior, then c given d, then decode(c), in eval mode.
+        Each setting is one phase's, None taking the config field of its name: the discrete ones go to
+        DiscretePrior.sample with top_k (0: every code) and use_kv_cache, the continuous ones to ContinuousModel.sample.
+        The prior draws from `generator` first. codes (discon mode): a grid d (B, h, w) to condition on, p(c | d, y)
+        alone. discrete_only (discon mode): decode_codes(d) instead of c, the `discrete` baseline with DisCon's d."""
         cfg, g = self.cfg, self.tokenizer.cfg.grid_size
         self.check_labels(y)
-        if codes is not None and (cfg.mode != "discon" or tuple(codes.shape) != (len(y), g, g)):
-            raise ValueError(f"codes must be a (B, {g}, {g}) grid for a discon-mode model, got {tuple(codes.shape)} "
-                             f"in mode {cfg.mode!r}")
-        if discrete_only and cfg.mode != "discon":
-            raise ValueError(f"discrete_only decodes the prior's d of a discon-mode model, this one is {cfg.mode!r}")
+        if cfg.mode != "discon" and (codes is not None or discrete_only):
+            raise ValueError(f"codes and discrete_only need a discon-mode model, this one is {cfg.mode!r}")
+        if codes is not None and tuple(codes.shape) != (len(y), g, g):
+            raise ValueError(f"codes must be a grid (B, {g}, {g}), got {tuple(codes.shape)}")
         pick = lambda value, default: default if value is None else value
         was_training = self.training
         self.eval()
@@ -865,7 +798,3 @@ class DisCon(nn.Module):
         self.train(was_training)
         return to_uint8(images)
 
-
-def build_model(tokenizer_config, model_config):
-    """A DisCon model with its tokenizer, from the config dicts saved in a checkpoint."""
-    return DisCon(DisConConfig(**model_config), Tokenizer(TokenizerConfig(**tokenizer_config)))

@@ -262,8 +262,9 @@ def train_stage(stage, model, dataset, train_cfg, config, rank, world, device):
             logged = logged + torch.stack([v.detach().float() for v in terms.values()]) / train_cfg.grad_accum
         # Stage 2 clips the prior's and the continuous model's gradients each on its own, so that a `discon` model's
         # prior trains as the `discrete` model of its seed. The log's grad_norm is the larger of the two.
+        parts = [getattr(model, name) for name in ("prior", "continuous") if hasattr(model, name)] or [model]
         grad_norm = torch.stack([nn.utils.clip_grad_norm_(part.parameters(), train_cfg.grad_clip or float("inf"))
-                                 for part in (model.parts() if stage == 2 else [model])]).max()
+                                 for part in parts]).max()
         log, save, preview = (step + 1 == steps or (step + 1) % k == 0
                               for k in (train_cfg.log_every, train_cfg.ckpt_every, train_cfg.sample_every))
         # Reading the norm makes the host wait for the device: only at the steps that wait anyway. A non-finite loss
