@@ -342,9 +342,9 @@ class GaussianDiffusion(nn.Module):  # no parameters; a module so that its table
     def sample(self, eps_fn, shape, diffusion_steps, temperature=1.0, generator=None, device=None,
                dtype=torch.float32, clip_x0=None):
         """Ancestral sampling of x0 `shape` from x_T ~ N(0, I), with eps_fn(x_t, t) -> eps, t (M,) one timestep for all
-        rows. At each step the estimate x0 = (x_t - sqrt(1 - abar) eps) / sqrt(abar), clamped to +-clip_x0 if given,
-        sets the posterior mean; every step but the last adds temperature * exp(log_var / 2) * N(0, I) (MAR's
-        temperature). Draws, in this order: x_T, then the noise of each step. Runs in `dtype` (eps is cast to it)."""
+        rows. Each step's estimate x0 = (x_t - sqrt(1 - abar) eps) / sqrt(abar), clamped to +-clip_x0 if given, sets
+        the posterior mean; every step but the last adds temperature * exp(log_var / 2) * N(0, I) (MAR). Draws, in
+        order: x_T, then each step's noise (none at the last). Runs in `dtype`, eps cast to it."""
         chain = {k: v.tolist() for k, v in self.respaced(diffusion_steps).items()}  # Python numbers: no copies
         x = torch.randn(shape, generator=generator, device=device, dtype=dtype)
         for i in reversed(range(diffusion_steps)):
@@ -768,11 +768,11 @@ class DisCon(nn.Module):
     def generate(self, y, discrete_guidance=None, discrete_temperature=None, continuous_guidance=None,
                  continuous_temperature=None, sampling_steps=None, diffusion_steps=None, top_k=0, codes=None,
                  discrete_only=False, generator=None, use_kv_cache=True):
-        """Images (B, 3, H, W) uint8 for labels y (B,): d from the prior, then c given d, then decode(c), in eval mode.
-        Each setting is one phase's, None taking the config field of its name: the discrete ones go to
-        DiscretePrior.sample with top_k (0: every code) and use_kv_cache, the continuous ones to ContinuousModel.sample.
-        The prior draws from `generator` first. codes (discon mode): a grid d (B, h, w) to condition on, p(c | d, y)
-        alone. discrete_only (discon mode): decode_codes(d) instead of c, the `discrete` baseline with DisCon's d."""
+        """Images (B, 3, H, W) uint8 for labels y (B,): d from the prior, then c given d, then decode(c), in eval mode
+        (the caller's restored after). Each setting is one phase's, None taking the config field of its name: the
+        discrete ones go to DiscretePrior.sample with top_k (0: every code) and use_kv_cache, the continuous ones to
+        ContinuousModel.sample; the prior draws from `generator` first. Discon mode only (else ValueError): codes, a
+        grid d (B, h, w) to condition on, p(c | d, y) alone; discrete_only: decode_codes(d), the `discrete` baseline."""
         cfg, g = self.cfg, self.tokenizer.cfg.grid_size
         self.check_labels(y)
         if cfg.mode != "discon" and (codes is not None or discrete_only):

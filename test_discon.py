@@ -490,10 +490,10 @@ def test_diffusion_head_matches_mars_adaln_equations():
 
 
 # ======================================================================================================================
-# Exercise 10 (-k kv_cache): KVCache.update
+# Exercise 10 (-k attention): KVCache.update, SelfAttention.forward
 
 
-def test_kv_cache_stores_each_update_after_the_previous_and_returns_all_so_far():
+def test_attention_cache_stores_each_update_after_the_previous_and_returns_all_so_far():
     cache = discon.KVCache(n_layer=2, max_len=6)
     k1, v1, k2, v2 = (torch.randn(3, 2, n, 4) for n in (4, 4, 1, 1))       # (B, nh, T, hs)
     k, v = cache.update(1, k1, v1)
@@ -502,10 +502,6 @@ def test_kv_cache_stores_each_update_after_the_previous_and_returns_all_so_far()
     k, v = cache.update(1, k2, v2)
     assert torch.equal(k, torch.cat([k1, k2], dim=2)) and torch.equal(v, torch.cat([v1, v2], dim=2))
     assert cache.k[0] is None and cache.k[1].shape == (3, 2, 6, 4)           # each layer its own, max_len long
-
-
-# ======================================================================================================================
-# Exercise 11 (-k attention): SelfAttention.forward
 
 
 def tiny_transformer(causal=True, block_size=10):
@@ -550,7 +546,7 @@ def test_attention_lets_every_position_of_the_bidirectional_transformer_see_ever
 
 
 @pytest.mark.parametrize("chunks", [[(0, 4)] + [(i, i + 1) for i in range(4, 10)], [(0, 3), (3, 7), (7, 8), (8, 10)]])
-def test_attention_with_a_kv_cache_matches_the_full_forward(chunks):
+def test_attention_with_a_cache_matches_the_full_forward(chunks):
     transformer = tiny_transformer()
     x = torch.randn(3, transformer.block_size, 32)
     cache = discon.KVCache(len(transformer.blocks), transformer.block_size)  # several positions at once, or one
@@ -569,7 +565,7 @@ def test_attention_drops_attention_weights_in_training_only():
 
 
 # ======================================================================================================================
-# Exercise 12 (-k prior_loss): DiscretePrior.embed, DiscretePrior.forward
+# Exercise 11 (-k prior_loss): DiscretePrior.embed, DiscretePrior.forward
 
 
 def test_prior_loss_sequence_is_the_class_then_the_codes_without_the_last():
@@ -610,7 +606,7 @@ def test_prior_loss_draws_from_the_passed_generator():
 
 
 # ======================================================================================================================
-# Exercise 13 (-k token_sampling): classifier_free_guidance, sample_token
+# Exercise 12 (-k token_sampling): classifier_free_guidance, sample_token
 
 
 def token_frequencies(logits, guidance=1.0, temperature=1.0, top_k=0, n=20000):
@@ -658,10 +654,10 @@ def test_token_sampling_draws_from_the_passed_generator():
 
 
 # ======================================================================================================================
-# Exercise 14 (-k prior_sampling): DiscretePrior.sample
+# Exercise 13 (-k prior_sampling): DiscretePrior.sample
 
 
-def test_prior_sampling_with_kv_cache_equals_the_slow_path():
+def test_prior_sampling_with_its_cache_equals_the_slow_path():
     prior = perturbed(tiny_prior().double())
     y = torch.tensor([1, 4, 7])
     for guidance in (1.0, 2.0):
@@ -691,7 +687,7 @@ def test_prior_sampling_guided_runs_the_unconditional_branch_in_the_second_half_
 
 
 # ======================================================================================================================
-# Exercise 15 (-k mask_ratio): mask_ratio
+# Exercise 14 (-k mask_ratio): mask_ratio
 
 
 def test_mask_ratio_follows_mars_truncated_normal():
@@ -709,7 +705,7 @@ def test_mask_ratio_draws_from_the_passed_generator():
 
 
 # ======================================================================================================================
-# Exercise 16 (-k reveal_schedule): reveal_schedule
+# Exercise 15 (-k reveal_schedule): reveal_schedule
 
 
 @pytest.mark.parametrize("N", [1, 2, 5, 16, 64])
@@ -730,10 +726,10 @@ def test_reveal_schedule_follows_the_cosine():
 
 
 # ======================================================================================================================
-# Exercise 17 (-k continuous_loss): ContinuousModel.embed, ContinuousModel.drop_condition, ContinuousModel.forward
+# Exercise 16 (-k continuous_input): ContinuousModel.embed, ContinuousModel.drop_condition
 
 
-def test_continuous_loss_input_is_the_class_then_known_latents_or_the_mask_token_plus_the_codes():
+def test_continuous_input_is_the_class_then_known_latents_or_the_mask_token_plus_the_codes():
     model = tiny_continuous()
     c, d, y = torch.randn(2, 16, 4), torch.randint(0, 32, (2, 16)), torch.tensor([1, 2])
     known = torch.rand(2, 16, generator=torch.Generator().manual_seed(0)) < 0.5
@@ -749,7 +745,7 @@ def test_continuous_loss_input_is_the_class_then_known_latents_or_the_mask_token
                        unconditioned.mask_token.expand(int((~known).sum()), -1))
 
 
-def test_continuous_loss_drop_condition_puts_the_null_class_and_null_codes_in_the_dropped_rows():
+def test_continuous_input_drop_condition_puts_the_null_class_and_null_codes_in_the_dropped_rows():
     model = tiny_continuous()
     y, d, drop = torch.tensor([1, 2, 3]), torch.randint(0, 32, (3, 16)), torch.tensor([False, True, False])
     y2, d2 = model.drop_condition(y, d, drop)
@@ -757,6 +753,10 @@ def test_continuous_loss_drop_condition_puts_the_null_class_and_null_codes_in_th
     assert torch.equal(d2[[0, 2]], d[[0, 2]])
     y3, d3 = tiny_continuous(conditioned=False).drop_condition(y, None, drop)
     assert y3.tolist() == [1, model.null_class, 3] and d3 is None
+
+
+# ======================================================================================================================
+# Exercise 17 (-k continuous_loss): ContinuousModel.forward
 
 
 def test_continuous_loss_trains_the_head_on_the_masked_positions_given_the_others():
@@ -1003,7 +1003,7 @@ def test_generate_conditioned_on_given_codes_keeps_them():
 
 
 @pytest.mark.parametrize("mode", ["discon", "discrete"])
-def test_generate_with_kv_cache_equals_the_slow_path(mode):
+def test_generate_with_the_priors_cache_equals_the_slow_path(mode):
     # float64, so that the last-bit differences between the two paths can flip neither a sampled code nor a pixel
     model = perturbed(tiny_model(mode).double())
     y = torch.tensor([1, 4])
@@ -1161,7 +1161,7 @@ def test_model_rebuilds_from_its_saved_configs():
     torch.testing.assert_close(model(x, y, g1)["loss"], clone(x, y, g2)["loss"])
 
 
-def test_model_loss_is_the_priors_cross_entropy_plus_the_continuous_models_diffusion_loss():
+def test_model_terms_are_the_priors_cross_entropy_and_the_continuous_models_loss():
     model, x, y = tiny_model("discon").train(), images(3), torch.tensor([0, 1, 2])
     terms = model(x, y, torch.Generator().manual_seed(0))
     g = torch.Generator().manual_seed(0)                       # the prior draws first, then the continuous model

@@ -2,8 +2,8 @@
 
     python docs/probe.py runs/quick/model.pt runs/shapes_stats.npz --weights $W
 
-On 1000 class-balanced training images (sample.py --real-codes' subset), class accuracy and FID against the reference
-statistics of, one row each:
+On 1000 class-balanced training images (data.training_images, as sample.py --real-codes), class accuracy and FID
+against the reference statistics of, one row each:
 
 - decode(c + s N(0, 1)) for each --noise s: how much unstructured latent noise the decoder tolerates;
 - decode_codes(d): the discrete view;
@@ -22,10 +22,9 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import data  # noqa: E402
 import discon  # noqa: E402
 import fid  # noqa: E402
-import sample  # noqa: E402
-import train  # noqa: E402
 
 
 def rms(x):
@@ -57,16 +56,14 @@ def main():
     parser.add_argument("--num-images", type=int, default=1000)
     parser.add_argument("--rows", default="noise,codes,teacher,free", help="which rows to score")
     args = parser.parse_args()
-    ckpt = train.load_checkpoint(args.checkpoint, stage=2)
-    model = discon.build_model(ckpt["config"]["tokenizer"], ckpt["config"]["model"])
-    train.load_weights(model, ckpt["ema"], args.checkpoint)
+    ckpt, model = data.load_checkpoint(args.checkpoint, stage=2)
     model.eval()
-    temperature = model.cfg.temperature_continuous if args.temperature is None else args.temperature
+    temperature = model.cfg.continuous_temperature if args.temperature is None else args.temperature
     inception = fid.load_inception(args.weights, "cpu")
     reference = fid.load_statistics(args.reference)
-    judge = train.shape_judge(32, cache_dir=os.path.dirname(os.path.abspath(args.checkpoint)))
-    images, labels = sample.training_images(ckpt, args.num_images)
-    x = train.to_model_input(images, "cpu", model.tokenizer.cfg.image_size)
+    judge = data.shape_judge(32, cache_dir=os.path.dirname(os.path.abspath(args.checkpoint)))
+    images, labels = data.training_images(ckpt["config"], args.num_images)
+    x = data.to_model_input(images, "cpu", model.tokenizer.cfg.image_size)
     c_grid, d_grid = model.tokenizer.encode(x)
     c, d = model.tokens((c_grid, d_grid))                                                    # (B, N, C), (B, N)
     y = torch.as_tensor(labels, dtype=torch.long)
@@ -80,7 +77,7 @@ def main():
         if decoded is None:
             decoded = torch.cat([tok.decode(part) for part in grid.split(250)])
         uint8 = discon.to_uint8(decoded).permute(0, 2, 3, 1).numpy()
-        accuracy, _ = train.class_accuracy(judge, uint8, labels)
+        accuracy, _ = data.class_accuracy(judge, uint8, labels)
         value = fid.fid_from_images(uint8, reference, model=inception)
         extra = f" | {spread:.3f}" if spread is not None else " | -"
         print(f"| {name} | {100 * accuracy:.1f} | {value:.1f}{extra} |", flush=True)
@@ -108,9 +105,9 @@ def main():
         free = []
         for i in range(0, len(c), 250):
             free.append(model.continuous.sample(y[i:i + 250], d[i:i + 250], 1.0, temperature, model.cfg.sampling_steps,
-                                                None, generator))
+                                                model.cfg.diffusion_steps, generator))
         free = torch.cat(free)
-        score(f"free-running, K = {model.cfg.sampling_steps}", as_grid(free), spread=rms(free - c))
+        score(f"free-running, {model.cfg.sampling_steps} sampling steps", as_grid(free), spread=rms(free - c))
 
 
 if __name__ == "__main__":
