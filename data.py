@@ -159,7 +159,7 @@ SHAPES = {  # class name -> inside-test in shape coordinates (u, v): centre 0, r
     "plus": lambda u, v: ((abs(u) < 0.3) | (abs(v) < 0.3)) & (np.maximum(abs(u), abs(v)) < 1),
     "half-disc": lambda u, v: (u * u + (v + 0.4) ** 2 < 1) & (v > -0.4),
 }
-SHAPES_SEED, JUDGE_SEED = 0, 1  # the training images' seed, and the judge's (its images and weights)
+SHAPES_SEED, JUDGE_SEED, HELDOUT_SEED = 0, 1, 2  # the training images', the judge's, and the held-out images' seeds
 CIFAR_URL, CIFAR_MD5 = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz", "c58f30108f718f92721af3b95e74349a"
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
@@ -267,18 +267,23 @@ def converted_paths(name, data_dir, image_size):
     return base + "images.npy", base + "labels.npy", files, len(classes)
 
 
-def load_dataset(name, data_dir, image_size):
-    """-> (images uint8 (num_images, H, W, 3), labels int64 (num_images,), num_classes), after prepare_data."""
+def load_dataset(name, data_dir, image_size, split="train"):
+    """-> (images uint8 (num_images, H, W, 3), labels int64 (num_images,), num_classes), after prepare_data. The
+    "heldout" split, images that training never sees, is CIFAR-10's test batch or 2000 shapes of their own seed; the
+    other datasets have none (None)."""
     if name == "shapes":
-        return (*make_shapes(20_000, image_size, SHAPES_SEED), len(SHAPES))
+        return (*make_shapes(20_000 if split == "train" else 2000, image_size,
+                             SHAPES_SEED if split == "train" else HELDOUT_SEED), len(SHAPES))
+    if split != "train" and name != "cifar10":
+        return None
     if name == "cifar10":
         def read(path):  # (n, 3072) flattened CHW -> (n, 32, 32, 3)
             with open(path, "rb") as f:
                 batch = pickle.load(f, encoding="bytes")
             return batch[b"data"].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), np.asarray(batch[b"labels"], np.int64)
         folder = os.path.join(data_dir, "cifar-10-batches-py")
-        batches = [read_or_fail(os.path.join(folder, f"data_batch_{i}"), read, f"delete {folder} to download it again")
-                   for i in range(1, 6)]
+        files = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
+        batches = [read_or_fail(os.path.join(folder, f), read, f"delete {folder} to download it again") for f in files]
         return np.concatenate([b[0] for b in batches]), np.concatenate([b[1] for b in batches]), 10
     images_path, labels_path, _, num_classes = converted_paths(name, data_dir, image_size)
     if name == "folder" and not os.path.exists(images_path):

@@ -1,13 +1,9 @@
 """DisCon (Zheng et al., "Rethinking Discrete Tokens: Treating Them as Conditions for Continuous Autoregressive Image
-Synthesis", arXiv 2507.01756, ICCV 2025) in one file. An image has two views of one latent grid: the discrete VQ index
-grid d and the continuous latent grid c. DisCon samples d from a discrete autoregressive prior, then c from a masked
-continuous model conditioned on d, and decodes only c:
-
-    p(c | y) = sum_d p(d | y) p(c | d, y)            y = class label
-
-The file reads like the method: configs, the tokenizer (c and d of one grid), Gaussian diffusion and the diffusion
-head (p(c_i | .) of one token), the transformer, the discrete prior p(d | y) (LlamaGen-like), the continuous model
-p(c | d, y) (MAR-like), and DisCon, the two together. README.md says where it differs from the paper, and why.
+Synthesis", arXiv 2507.01756, ICCV 2025) in one file: p(c | y) = sum_d p(d | y) p(c | d, y), y the class. An image
+has two views of one latent grid, the discrete VQ index grid d and the continuous latent grid c; DisCon samples d from
+a discrete autoregressive prior, then c from a masked continuous model given d, and decodes only c. The file reads
+like the method: configs, the tokenizer (c and d of one grid), Gaussian diffusion and the diffusion head (p(c_i | .) of
+one token), the transformer, the prior p(d | y) (LlamaGen-like), the continuous model p(c | d, y) (MAR-like), DisCon.
 """
 import math
 from dataclasses import dataclass
@@ -60,6 +56,8 @@ class DisConConfig:
     n_embd: int = 128
     dropout: float = 0.0               # attention weights and MLP output (MAR: 0.1); 0 for runs of a few epochs
     label_drop: float = 0.1            # classifier-free guidance: condition dropped at this rate (MAR's, LlamaGen's)
+    class_tokens: int = 4              # leading positions of the continuous model that hold the class, never masked:
+                                       # MAR's buffer (64 for 256 tokens, LTH14/mar models/mar.py); experiments.md
     head_width: int = 128              # MAR-B's head is 1024 wide and 6 deep (its README); scaled down here
     head_depth: int = 2
     diffusion_batch_mul: int = 1       # (t, noise) draws per condition per step (MAR: 4); 1 is faster on a CPU
@@ -77,8 +75,8 @@ class DisConConfig:
     def __post_init__(self):
         if self.mode not in MODES:
             raise ValueError(f"mode {self.mode!r} is unknown: choose one of {', '.join(MODES)}")
-        check_fields(self, positive=("num_classes", "n_layer", "n_head", "n_embd", "head_width", "head_depth",
-                                     "diffusion_batch_mul", "num_timesteps", "discrete_temperature",
+        check_fields(self, positive=("num_classes", "n_layer", "n_head", "n_embd", "class_tokens", "head_width",
+                                     "head_depth", "diffusion_batch_mul", "num_timesteps", "discrete_temperature",
                                      "continuous_temperature", "sampling_steps", "diffusion_steps", "clip_latent"),
                      non_negative=("discrete_guidance", "continuous_guidance"), below=dict(dropout=1, label_drop=0.5))
         if self.diffusion_steps > self.num_timesteps:
@@ -121,8 +119,7 @@ def to_uint8(x):
 # ----------------------------------------------------------------------------------------------------------------------
 # Tokenizer: a conv encoder gives the continuous grid c; a VQ codebook over the same grid gives the discrete grid d,
 # aligned with c position by position. One decoder decodes both views, so the information that quantization loses
-# shows as the gap between the two reconstructions (the paper's Figure 1). The paper pairs two tokenizers (VA-VAE and
-# MaskGIT's VQGAN); one tokenizer with two views is the minimal equivalent.
+# shows as the gap between the two reconstructions (the paper's Figure 1). The paper pairs VA-VAE with MaskGIT's VQGAN.
 
 
 class ResBlock(nn.Module):
@@ -499,7 +496,6 @@ class Transformer(nn.Module):
 
     def forward(self, x, kv_cache=None):
         start = kv_cache.length if kv_cache is not None else 0
-        assert start + x.shape[1] <= self.block_size, "the sequence is longer than the block size"
         x = x + self.position_embed(torch.arange(start, start + x.shape[1], device=x.device))
         for block in self.blocks:
             x = block(x, kv_cache)
@@ -582,22 +578,24 @@ class DiscretePrior(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# The continuous model p(c | d, y), MAR's masked autoregression. A bidirectional transformer over [y, x_1 .. x_N]: x_i
-# embeds c_i where it is known, a learned mask token where not, plus the embedding of d_i, the discrete token at i, so
-# every position sees all of d (the paper's figure puts d before c, as a prefix). Training hides a random subset of
-# positions and applies the diffusion loss there; sampling reveals them in a random order, several at a time, the
-# head sampling each step's tokens together. Without d this is MAR, the `continuous` baseline. For guidance the
-# condition is dropped as a whole (null class and null codes): d alone nearly determines the class.
+# The continuous model p(c | d, y), MAR's masked autoregression. A bidirectional transformer over [y .. y, x_1 .. x_N]
+# (y in P leading positions, MAR's buffer): x_i embeds c_i where it is known, a learned mask token where not, plus the
+# embedding of d_i, the discrete token at i, so every position sees all of d (the paper's figure puts d first, as a
+# prefix). Training hides a random subset of positions and applies the diffusion loss there; sampling reveals them in
+# a random order, several at a time, the head sampling each step's tokens together. Without d this is MAR, the
+# `continuous` baseline. For guidance, the condition is dropped as a whole (y and d): d alone nearly gives the class.
 
 
-def mask_ratio(generator=None):
-    """MAR's mask ratio, N(1, 0.25^2) truncated to [0.7, 1], from one uniform draw (torch.rand, float64) through the
-    normal's inverse CDF. On the host (it sets shapes): a GPU generator seeds it from its seed and moving offset."""
+@torch.compiler.disable  # an integer from the host: torch.compile then never sees the ratio, a float that changes
+def masked_count(num_tokens, generator=None):
+    """ceil(N r), the masked positions of a training batch, r one draw of MAR's mask ratio N(1, 0.25^2) truncated to
+    [0.7, 1], from one uniform draw (torch.rand, float64) through the normal's inverse CDF. Drawn on the host: a GPU
+    generator seeds it from its seed and moving offset."""
     if generator is not None and generator.device.type != "cpu":
         generator = torch.Generator().manual_seed(hash((generator.initial_seed(), generator.get_offset())) % 2 ** 63)
     low = torch.special.ndtr(torch.tensor((0.7 - 1) / 0.25, dtype=torch.float64))       # CDF at the cut, 0.115
     u = low + (0.5 - low) * torch.rand(1, generator=generator, dtype=torch.float64)
-    return float(1 + 0.25 * torch.special.ndtri(u))
+    return math.ceil(num_tokens * float(1 + 0.25 * torch.special.ndtri(u)))
 
 
 def reveal_schedule(num_tokens, sampling_steps):
@@ -626,19 +624,20 @@ class ContinuousModel(nn.Module):
         if self.conditioned:
             self.null_code = codebook_size
             self.code_embed = nn.Embedding(codebook_size + 1, cfg.n_embd)                 # last row: the null code
-        self.transformer = Transformer(cfg, num_tokens + 1, causal=False)
+        self.transformer = Transformer(cfg, cfg.class_tokens + num_tokens, causal=False)
         gpt2_init(self, cfg.n_layer)                                    # before the head, which keeps its own init
         nn.init.normal_(self.mask_token, std=0.02)                                        # MAR's init of its mask token
         self.diffusion_head = DiffusionHead(latent_channels, cfg.n_embd, cfg.head_width, cfg.head_depth)
         self.diffusion = GaussianDiffusion(cfg.num_timesteps)
 
     def embed(self, y, c, d, known):
-        """Input embeddings (B, N + 1, D): class_embed(y), then for each position i latent_proj(c_i) where known (B, N)
-        is true and mask_token where not, plus code_embed(d_i) when conditioned (d None otherwise)."""
+        """Input embeddings (B, P + N, D): class_embed(y) at each of the P = class_tokens first positions, then for each
+        position i latent_proj(c_i) where known (B, N) is true and mask_token where not, plus code_embed(d_i) when
+        conditioned (d None otherwise)."""
         x = torch.where(known[..., None], self.latent_proj(c), self.mask_token)           # (B, N, D)
         if self.conditioned:
             x = x + self.code_embed(d)
-        return torch.cat([self.class_embed(y)[:, None].to(x.dtype), x], dim=1)
+        return torch.cat([self.class_embed(y)[:, None].expand(-1, self.cfg.class_tokens, -1).to(x.dtype), x], dim=1)
 
     def drop_condition(self, y, d, drop):
         """(y, d) with the rows where drop (B,) is true holding the null class and, when conditioned, null codes."""
@@ -648,17 +647,17 @@ class ContinuousModel(nn.Module):
         return y, d
 
     def forward(self, c, d, y, generator=None):
-        """Diffusion loss of c (B, N, C) given d (B, N; None unconditioned) and y (B,) on n = ceil(mask_ratio * N)
-        masked positions per image. Draws, in order: in training, the dropped condition (torch.rand, B values); the
-        ratio (mask_ratio); the masked positions, the first n of a random order per image (torch.rand(B, N).argsort);
+        """Diffusion loss of c (B, N, C) given d (B, N; None unconditioned) and y (B,) on n = masked_count(N) masked
+        positions per image. Draws, in order: in training, the dropped condition (torch.rand, B values); the count
+        (masked_count); the masked positions, the first n of a random order per image (torch.rand(B, N).argsort);
         the loss's. Its B n rows (masked c_i, their outputs) are tiled diffusion_batch_mul times (Tensor.repeat)."""
         B, N, C = c.shape
         if self.training and self.cfg.label_drop > 0:
             y, d = self.drop_condition(y, d, torch.rand(B, generator=generator, device=y.device) < self.cfg.label_drop)
-        n = math.ceil(mask_ratio(generator) * N)                                          # masked positions per image
+        n = masked_count(N, generator)                                                    # masked positions per image
         hidden = torch.rand(B, N, generator=generator, device=c.device).argsort(dim=1)[:, :n]   # (B, n)
         known = torch.ones(B, N, dtype=torch.bool, device=c.device).scatter(1, hidden, False)
-        h = self.transformer(self.embed(y, c, d, known))[:, 1:]                           # (B, N, D)
+        h = self.transformer(self.embed(y, c, d, known))[:, self.cfg.class_tokens:]       # (B, N, D)
         z = h.gather(1, hidden[..., None].expand(-1, -1, h.shape[-1])).flatten(0, 1)      # (B n, D)
         target = c.gather(1, hidden[..., None].expand(-1, -1, C)).flatten(0, 1)           # (B n, C)
         mul = self.cfg.diffusion_batch_mul
@@ -683,7 +682,8 @@ class ContinuousModel(nn.Module):
         start = 0
         for count in reveal_schedule(N, sampling_steps):
             now = order[:, start:start + count]                                            # (B, count)
-            h = self.transformer(self.embed(y, c.repeat(rows, 1, 1), d, known.repeat(rows, 1)))[:, 1:]
+            x = self.embed(y, c.repeat(rows, 1, 1), d, known.repeat(rows, 1))
+            h = self.transformer(x)[:, self.cfg.class_tokens:]                              # (rows B, N, D)
             z = h.gather(1, now.repeat(rows, 1)[..., None].expand(-1, -1, h.shape[-1]))    # (rows B, count, D)
             scale = 1 + (guidance - 1) * (start + count) / N
             latent = self.sample_latent(z.flatten(0, 1), scale, temperature, diffusion_steps, generator)
@@ -712,9 +712,8 @@ class ContinuousModel(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# DisCon: the frozen tokenizer, the discrete prior p(d | y) and the continuous model p(c | d, y), trained side by side
-# on the same batches and sampled one after the other. The baselines keep one of the two: `discrete` the prior (decoded
-# from the codebook), `continuous` the continuous model without d (MAR).
+# DisCon: the frozen tokenizer, the prior p(d | y) and the continuous model p(c | d, y), trained side by side, sampled
+# one after the other. The baselines keep one: `discrete` the prior (d decoded), `continuous` the model without d (MAR).
 
 
 class DisCon(nn.Module):

@@ -4,8 +4,7 @@ n x H x W x 3 uint8, and labels), a PNG grid with a row per class, optionally on
   python sample.py out/model.pt --num-images 1000 --batch-size 500
   torchrun --nproc_per_node 8 sample.py runs/in64/model.pt --num-images 50000 --batch-size 250 --fid-ref ref.npz
 Batch b is drawn from a seed of (--seed, b): the images do not depend on the number of processes, but they do on
---batch-size. From a stage-1 checkpoint (tokenizer.pt), it reconstructs training images through each view instead,
-with each one's rFID (the paper's Figure 1).
+--batch-size. From tokenizer.pt, it reconstructs training images through each view, with each one's rFID instead.
 """
 import argparse
 import os

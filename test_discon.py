@@ -188,12 +188,13 @@ def test_code_usage_gives_restarted_codes_a_grace_period():
 
 
 def test_code_usage_restart_draws_from_the_passed_generator():
-    z = torch.randn(2, 4, 4, 4)
+    z, tok = torch.randn(2, 4, 4, 4), tiny_tokenizer()
+    start = {k: v.clone() for k, v in tok.state_dict().items()}            # usage 0: every code is restarted
 
     def restart(generator):
-        tok = tiny_tokenizer()                                              # usage 0: every code is restarted
+        tok.load_state_dict(start)
         tok.restart_dead_codes(z, generator)
-        return tok.codebook.weight.detach()
+        return tok.codebook.weight.detach().clone()
     a, b = under_two_global_seeds(restart)
     assert torch.equal(a, b)
 
@@ -401,6 +402,7 @@ def test_reverse_chain_respaced_has_the_requested_steps_ending_at_t_minus_1():
         assert t[-1] == 999 and (steps == 1 or t[0] == 0)
         torch.testing.assert_close(chain["alphas_cumprod"], diffusion.alphas_cumprod[t])
     assert diffusion.respaced(1)["timesteps"].tolist() == [999]
+    assert diffusion.respaced(7)["timesteps"].tolist() == [0, 166, 333, 500, 666, 832, 999]  # 999 - 166.5 k, rounded
     for steps in (0, 1001):
         with pytest.raises(ValueError):
             diffusion.respaced(steps)
@@ -687,11 +689,12 @@ def test_prior_sampling_guided_runs_the_unconditional_branch_in_the_second_half_
 
 
 # ======================================================================================================================
-# Exercise 14 (-k mask_ratio): mask_ratio
+# Exercise 14 (-k masked_count): masked_count
 
 
-def test_mask_ratio_follows_mars_truncated_normal():
-    draws = np.array([discon.mask_ratio(torch.Generator().manual_seed(i)) for i in range(4000)])
+def test_masked_count_follows_mars_truncated_normal():
+    N = 10 ** 6                                                      # so that the count over N is the ratio itself
+    draws = np.array([discon.masked_count(N, torch.Generator().manual_seed(i)) for i in range(4000)]) / N
     assert draws.min() >= 0.7 and draws.max() <= 1.0
     grid = np.linspace(0.7, 1.0, 7)
     density = scipy.stats.truncnorm((0.7 - 1.0) / 0.25, 0.0, loc=1.0, scale=0.25)   # MAR's own definition
@@ -699,8 +702,16 @@ def test_mask_ratio_follows_mars_truncated_normal():
     assert np.abs(empirical - density.cdf(grid)).max() < 0.03                         # Kolmogorov-Smirnov, 4000 draws
 
 
-def test_mask_ratio_draws_from_the_passed_generator():
-    a, b = under_two_global_seeds(discon.mask_ratio)
+def test_masked_count_is_the_ceiling_of_n_times_the_ratio_of_one_uniform_draw():
+    density = scipy.stats.truncnorm((0.7 - 1.0) / 0.25, 0.0, loc=1.0, scale=0.25)
+    for seed in range(200):
+        u = float(torch.rand(1, generator=torch.Generator().manual_seed(seed), dtype=torch.float64))
+        count = discon.masked_count(16, torch.Generator().manual_seed(seed))
+        assert type(count) is int and count == math.ceil(16 * density.ppf(u)), seed  # ceil: 12 where floor gives 11
+
+
+def test_masked_count_draws_from_the_passed_generator():
+    a, b = under_two_global_seeds(lambda g: discon.masked_count(10 ** 6, g))
     assert torch.equal(a, b)
 
 
@@ -733,15 +744,15 @@ def test_continuous_input_is_the_class_then_known_latents_or_the_mask_token_plus
     model = tiny_continuous()
     c, d, y = torch.randn(2, 16, 4), torch.randint(0, 32, (2, 16)), torch.tensor([1, 2])
     known = torch.rand(2, 16, generator=torch.Generator().manual_seed(0)) < 0.5
-    x = model.embed(y, c, d, known)
-    assert x.shape == (2, 17, 32)
+    x, P = model.embed(y, c, d, known), model.cfg.class_tokens
+    assert x.shape == (2, P + 16, 32) and P > 1
     for b in range(2):
-        torch.testing.assert_close(x[b, 0], model.class_embed(y)[b])
+        torch.testing.assert_close(x[b, :P], model.class_embed(y)[b].expand(P, -1))       # MAR's buffer
         for i in range(16):
             content = model.latent_proj(c[b, i]) if known[b, i] else model.mask_token
-            torch.testing.assert_close(x[b, 1 + i], content + model.code_embed(d[b, i]))
+            torch.testing.assert_close(x[b, P + i], content + model.code_embed(d[b, i]))
     unconditioned = tiny_continuous(conditioned=False)
-    assert torch.equal(unconditioned.embed(y, c, None, known)[:, 1:][~known],
+    assert torch.equal(unconditioned.embed(y, c, None, known)[:, P:][~known],
                        unconditioned.mask_token.expand(int((~known).sum()), -1))
 
 
@@ -768,7 +779,7 @@ def test_continuous_loss_trains_the_head_on_the_masked_positions_given_the_other
     n = int((~known[0]).sum())
     assert ((~known).sum(1) == n).all() and math.ceil(0.7 * 16) <= n <= 16  # one ratio per batch, at least 0.7
     assert torch.equal(inputs[0]["c"], c) and torch.equal(inputs[0]["d"], d) and torch.equal(inputs[0]["y"], y)
-    h = model.transformer(model.embed(y, c, d, known))[:, 1:]
+    h = model.transformer(model.embed(y, c, d, known))[:, model.cfg.class_tokens:]
     x0, cond = given[0]["x0"], given[0]["cond"]                        # (mul B n, C), (mul B n, D)
     assert len(x0) == 2 * 3 * n and given[0]["model"] is model.diffusion_head
     for row in range(3 * n):                                           # each row: a masked c_i and its own output
@@ -792,12 +803,12 @@ def test_continuous_loss_drops_the_whole_condition_at_its_rate_in_training_only(
     assert torch.equal(shown[1]["y"], y) and torch.equal(shown[1]["d"], d)
 
 
-def test_continuous_loss_masks_the_ceiling_of_ratio_times_n_positions(monkeypatch):
-    model = tiny_continuous()
-    monkeypatch.setattr(discon, "mask_ratio", lambda generator=None: 0.71)
+def test_continuous_loss_hides_the_counted_positions_of_each_image():
+    model, g = tiny_continuous().eval(), torch.Generator().manual_seed(5)
     shown = spy(model, "embed")
-    model(torch.randn(2, 16, 4), torch.randint(0, 32, (2, 16)), torch.tensor([0, 1]))
-    assert ((~shown[0]["known"]).sum(1) == math.ceil(0.71 * 16)).all()           # 12, where floor would give 11
+    model(torch.randn(2, 16, 4), torch.randint(0, 32, (2, 16)), torch.tensor([0, 1]), g)
+    expected = discon.masked_count(16, torch.Generator().manual_seed(5))   # its first draw, in eval mode
+    assert ((~shown[0]["known"]).sum(1) == expected).all()
 
 
 def test_continuous_loss_draws_from_the_passed_generator():
@@ -854,9 +865,10 @@ def slow_continuous_sample(model, y, d, guidance, sampling_steps, seed):
         scale = 1 + (guidance - 1) * (start + count) / N
         conds = []
         for b in range(B):
-            h = model.transformer(model.embed(y[b:b + 1], c[b:b + 1], d[b:b + 1], known[b:b + 1]))[0, 1:]
+            P = model.cfg.class_tokens                                # the outputs of the class positions: none
+            h = model.transformer(model.embed(y[b:b + 1], c[b:b + 1], d[b:b + 1], known[b:b + 1]))[0, P:]
             h_uncond = model.transformer(model.embed(torch.tensor([model.null_class]), c[b:b + 1],
-                                                     torch.full_like(d[b:b + 1], model.null_code), known[b:b + 1]))[0, 1:]
+                                                     torch.full_like(d[b:b + 1], model.null_code), known[b:b + 1]))[0, P:]
             conds.append((h[order[b, start:start + count]], h_uncond[order[b, start:start + count]]))
         z = torch.cat([torch.cat([cond for cond, _ in conds]), torch.cat([uncond for _, uncond in conds])])
         latent = model.sample_latent(z, scale, 1.0, 4, g).view(B, count, C)
@@ -1556,7 +1568,7 @@ TINY = ["--tokenizer.image_size", "16", "--tokenizer.downsample", "4", "--tokeni
         "--tokenizer.codebook_size", "32", "--n_layer", "1", "--n_head", "2", "--n_embd", "32", "--head_width", "32",
         "--head_depth", "1", "--diffusion_steps", "4", "--sampling_steps", "2", "--batch_size", "8", "--log_every", "1",
         "--ckpt_every", "2",
-        "--sample_every", "1000", "--tokenizer_steps", "4", "--model_steps", "4", "--model_lr", "2e-3"]
+        "--sample_every", "1000", "--tokenizer_steps", "4", "--model_steps", "4", "--model_base_lr", "6.4e-2"]
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
 
 
@@ -1850,7 +1862,8 @@ def test_resume_after_a_kill_ends_with_the_same_weights(stage, tmp_path, monkeyp
     lr_at = train.lr_at
 
     def killed_at_step_3(step, steps, lr, train_cfg):  # after the checkpoint of step 2; the stages differ in lr
-        if lr == (train_cfg.tokenizer_lr if stage == 1 else train_cfg.model_lr) and step == 3:
+        base_lr = train_cfg.tokenizer_base_lr if stage == 1 else train_cfg.model_base_lr
+        if lr == base_lr * train_cfg.batch_size / 256 and step == 3:
             raise Killed
         return lr_at(step, steps, lr, train_cfg)
     monkeypatch.setattr(train, "lr_at", killed_at_step_3)
@@ -2021,6 +2034,23 @@ def test_vq_codebook_and_usage_do_not_depend_on_the_number_of_processes(tmp_path
 
 
 @pytest.mark.skipif(not torch._dynamo.is_dynamo_supported(), reason="torch.compile is not supported here")
+def test_compiled_training_recompiles_each_frame_at_most_twice(monkeypatch):
+    # The masked count changes at every step; a frame that took it (or the ratio, a float) as a constant would compile
+    # again for each new value, and after the limit fall back to eager: here that raises instead.
+    model, counts, masked_count = tiny_model("discon").train(), [], discon.masked_count
+    monkeypatch.setattr(discon, "masked_count", torch.compiler.disable(
+        lambda n, generator: counts.append(masked_count(n, generator)) or counts[-1]))
+    c, d = model.tokenizer.encode(images(4))
+    compiled = torch.compile(model, backend="eager")
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(recompile_limit=2, fail_on_recompile_limit_hit=True, specialize_float=True):
+        for step in range(8):
+            compiled((c, d), torch.arange(4), generator=torch.Generator().manual_seed(step))["loss"].backward()
+    torch._dynamo.reset()
+    assert len(set(counts)) >= 3, counts                       # the counts did change, or this test shows nothing
+
+
+@pytest.mark.skipif(not torch._dynamo.is_dynamo_supported(), reason="torch.compile is not supported here")
 def test_compiled_training_equals_eager(tmp_path, trained, monkeypatch, fast_shapes):
     # The aot_eager backend runs dynamo's graphs and the compiled backward without inductor's C++ build (over a
     # minute for this model on 2 cores); stage 2 is compiled, stage 1 stays eager.
@@ -2177,8 +2207,8 @@ def bad_files(trained, tmp_path):
     ("train", ["--n_embd", "33"], "not divisible by n_head"),
     *[("train", [flag, value], f"{flag} must be > 0, got {value}") for flag, value in [
         ("--model_steps", "0"), ("--tokenizer_steps", "-1"), ("--batch_size", "0"), ("--grad_accum", "0"),
-        ("--log_every", "0"), ("--ckpt_every", "-5"), ("--sample_every", "0"), ("--model_lr", "0.0"),
-        ("--tokenizer_lr", "nan")]],
+        ("--log_every", "0"), ("--ckpt_every", "-5"), ("--sample_every", "0"), ("--model_base_lr", "0.0"),
+        ("--tokenizer_base_lr", "nan")]],
     ("train", ["--seed", "-1"], "--seed must be >= 0, got -1"),
     *[("train", [flag, value], f"{flag} must be {requirement}, got {value}") for flag, value, requirement in [
         ("--diffusion_steps", "0", "> 0"), ("--n_layer", "0", "> 0"), ("--n_head", "-2", "> 0"),

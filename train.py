@@ -41,10 +41,10 @@ class TrainConfig:
     seed: int = 0                 # the initial weights; with (stage, step, rank), every random draw
     batch_size: int = 32          # global: per optimizer step, over all processes and accumulation steps
     grad_accum: int = 1           # micro-steps per optimizer step, for when one process's share does not fit
-    tokenizer_steps: int = 1500   # stage 1's optimizer steps; the quick preset takes about 10 min on 2 cores
-    tokenizer_lr: float = 3e-3
+    tokenizer_steps: int = 1500   # stage 1's optimizer steps (the quick preset: about 8 min for both stages on 2 cores)
+    tokenizer_base_lr: float = 2.4e-2  # per 256 images: the rate is this * batch_size / 256 (MAR's blr); 3e-3 at 32
     model_steps: int = 7000       # stage 2's
-    model_lr: float = 3e-3
+    model_base_lr: float = 2.4e-2
     warmup: float = 0.05          # fraction of a stage's steps with a linear warmup
     schedule: str = "cosine"      # cosine (down to lr / 10, as nanoGPT) | constant (as MAR)
     weight_decay: float = 0.02    # MAR's
@@ -59,21 +59,22 @@ class TrainConfig:
     deterministic: bool = False   # CUDA's deterministic kernels, so that --resume is exact there too (docs/gpu.md)
 
     def __post_init__(self):
-        discon.check_fields(self, positive=("batch_size", "grad_accum", "tokenizer_steps", "tokenizer_lr",
-                                            "model_steps", "model_lr", "log_every", "sample_every", "ckpt_every"),
+        discon.check_fields(self, positive=("batch_size", "grad_accum", "tokenizer_steps", "tokenizer_base_lr",
+                                            "model_steps", "model_base_lr", "log_every", "sample_every", "ckpt_every"),
                             non_negative=("seed", "warmup", "weight_decay", "grad_clip"))
         if not 0 <= self.beta2 < 1:
             raise ValueError(f"beta2 must be in [0, 1), got {self.beta2}")
 
 
-# Each preset's data and optimisation; discon.PRESETS holds its tokenizer and models. Learning rates: the transformers'
-# follow MAR's and LlamaGen's 1e-4 per 256 images; the tokenizer's is of the order of LDM's autoencoders.
+# Each preset's data and optimisation; discon.PRESETS holds its tokenizer and models. The transformers' base rate is
+# MAR's 1e-4 per 256 images (LlamaGen's 1e-4 too); the tokenizer's of the order of LDM's autoencoders.
 PRESETS = {
     "quick": {},
-    "cifar10": dict(dataset="cifar10", batch_size=256, tokenizer_steps=50_000, tokenizer_lr=2e-4, model_steps=200_000,
-                    model_lr=1e-4, ema_decay=0.9999, log_every=100, sample_every=5000, ckpt_every=5000),
-    "imagenet64": dict(dataset="imagenet64", batch_size=512, tokenizer_steps=100_000, tokenizer_lr=2e-4,
-                       model_steps=300_000, model_lr=2e-4, ema_decay=0.9999, log_every=100, sample_every=10_000,
+    "cifar10": dict(dataset="cifar10", batch_size=256, tokenizer_steps=50_000, tokenizer_base_lr=2e-4,
+                    model_steps=200_000, model_base_lr=1e-4, ema_decay=0.9999, log_every=100, sample_every=5000,
+                    ckpt_every=5000),
+    "imagenet64": dict(dataset="imagenet64", batch_size=512, tokenizer_steps=100_000, tokenizer_base_lr=1e-4,
+                       model_steps=300_000, model_base_lr=1e-4, ema_decay=0.9999, log_every=100, sample_every=10_000,
                        ckpt_every=5000, cache_latents=False),  # the cache would take ~40 GB
 }
 CHOICES = {"dataset": ("shapes", "cifar10", "imagenet64", "folder"), "stage": ("1", "2", "both"),
@@ -176,6 +177,20 @@ def save_preview(stage, ema, dataset, step, train_cfg, device, image_size):
         print0(f"{name}: class accuracy {100 * accuracy:.0f}% of its {len(y)} samples (the shapes judge)")
 
 
+@torch.no_grad()
+def held_out_losses(model, probes, seed, autocast):
+    """Stage 2's loss terms in eval mode on fixed batches {name: (x, y)} (training images "seen", and "heldout"), with
+    the same noise each time: a held-out loss that climbs while the seen one falls is memorisation."""
+    model.eval()
+    terms = {}
+    for name, (x, y) in probes.items():
+        with autocast:
+            loss = model(x, y, generator=torch.Generator(y.device).manual_seed(seed))
+        terms.update({f"{k}_{name}": round(v.item(), 5) for k, v in loss.items() if k != "loss"})
+    model.train()
+    return terms
+
+
 def resume(path, stage, model, ema, optimizer, config, train_cfg):
     """Load the checkpoint `path` of this stage into the model, its EMA and the optimizer -> its (step, data position,
     finished), or fail() in one line if it was made with another config (sampling settings aside) or tokenizer."""
@@ -206,7 +221,7 @@ def train_stage(stage, model, dataset, train_cfg, config, rank, world, device):
     """Stage 1 trains the Tokenizer and then fits its latent statistics; stage 2 trains DisCon on the frozen tokenizer.
     Writes out_dir/tokenizer.pt or out_dir/model.pt; with --resume it continues from that file."""
     name = ("tokenizer", "model")[stage - 1]
-    steps, lr = getattr(train_cfg, name + "_steps"), getattr(train_cfg, name + "_lr")
+    steps, lr = getattr(train_cfg, name + "_steps"), getattr(train_cfg, name + "_base_lr") * train_cfg.batch_size / 256
     path, log_path = os.path.join(train_cfg.out_dir, name + ".pt"), os.path.join(train_cfg.out_dir, "log.jsonl")
     image_size = config["tokenizer"]["image_size"]
     # A stage-1 step ran 1.26x faster in channels_last on a CPU (experiments.md); unmeasured on GPUs.
@@ -238,6 +253,11 @@ def train_stage(stage, model, dataset, train_cfg, config, rank, world, device):
     if stage == 2 and train_cfg.cache_latents:
         latents = data.encode_dataset(model.tokenizer, dataset[0], device, image_size)
     generator, micro = torch.Generator(device), train_cfg.batch_size // (world * train_cfg.grad_accum)
+    heldout = data.load_dataset(train_cfg.dataset, train_cfg.data_dir, image_size, "heldout") if stage == 2 else None
+    probes = {}
+    for name, (images, labels, _) in (("seen", dataset), ("heldout", heldout)) if heldout else ():
+        index = data.balanced_subset(labels, 256)  # 256 fixed images of each, their held-out loss logged (stage 2)
+        probes[name] = data.to_model_input(images[index], device, image_size), data.to_device(labels[index], device)
     bar = data.progress(total=steps, initial=step, desc=f"stage {stage}")
     logged, logged_steps, t0 = 0, 0, time.time()
     model.train()
@@ -282,6 +302,7 @@ def train_stage(stage, model, dataset, train_cfg, config, rank, world, device):
                 dist.all_reduce(logged)
             means = (logged / (world * logged_steps)).tolist()
             line = {"stage": stage, "step": step, **{k: round(v, 5) for k, v in zip(terms, means)},
+                    **(held_out_losses(model, probes, train_cfg.seed, autocast) if probes and rank == 0 else {}),
                     "lr": optimizer.param_groups[0]["lr"], "grad_norm": round(grad_norm.item(), 4),
                     "images_per_s": round(logged_steps * train_cfg.batch_size / (time.time() - t0), 1)}
             print0(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in line.items()))

@@ -40,7 +40,7 @@ def teacher_forced(model, c, d, y, temperature, generator):
     for i in range(N):
         known = torch.ones(B, N, dtype=torch.bool)
         known[:, i] = False
-        h = continuous.transformer(continuous.embed(y, c, d, known))[:, 1 + i]             # (B, D)
+        h = continuous.transformer(continuous.embed(y, c, d, known))[:, continuous.cfg.class_tokens + i]  # (B, D)
         out[:, i] = continuous.sample_latent(h, 1.0, temperature, model.cfg.diffusion_steps, generator=generator)
     return out
 
