@@ -269,12 +269,16 @@ def converted_paths(name, data_dir, image_size):
 
 def load_dataset(name, data_dir, image_size, split="train"):
     """-> (images uint8 (num_images, H, W, 3), labels int64 (num_images,), num_classes), after prepare_data. The
-    "heldout" split, images that training never sees, is CIFAR-10's test batch or 2000 shapes of their own seed; the
-    other datasets have none (None)."""
+    "heldout" split, images that training never sees: CIFAR-10's test batch, 2000 shapes of their own seed, or a
+    folder's sibling DIR_heldout; None for ImageNet-64, or for a folder without one."""
     if name == "shapes":
         return (*make_shapes(20_000 if split == "train" else 2000, image_size,
                              SHAPES_SEED if split == "train" else HELDOUT_SEED), len(SHAPES))
-    if split != "train" and name != "cifar10":
+    if split != "train" and name == "folder":
+        data_dir = data_dir.rstrip("/") + "_heldout"
+        if not os.path.isdir(data_dir):
+            return None
+    elif split != "train" and name != "cifar10":
         return None
     if name == "cifar10":
         def read(path):  # (n, 3072) flattened CHW -> (n, 32, 32, 3)

@@ -97,17 +97,18 @@ def check_fields(config, positive=(), non_negative=(), below=None):
             raise ValueError(f"{name} must be in [0, {bound}), got {getattr(config, name)}")
 
 
-# Each preset's tokenizer and model fields that differ from the defaults (train.py adds its data and optimisation):
-# GPT-2 small's depth at width 512 for CIFAR-10, MAR-B's 24 x 768 (12 encoder + 12 decoder blocks) for ImageNet-64;
-# MAR's head width, 100 diffusion steps, and 64 sampling steps per 256 tokens. Never trained end to end.
+# Each preset's fields that differ from the defaults (train.py adds its data and optimisation). GPT-2 small's depth at
+# width 512 (CIFAR-10), MAR-B's 24 x 768 (ImageNet-64); MAR's head, 100 diffusion steps, 64 class positions and sampling
+# steps per 256 tokens; temperature 1, guidance 1.5 on d (LlamaGen's sample_c2i_ddp.py) and 2.9 on c (MAR-B in
+# LTH14/mar's README). Never trained end to end: sweep the sampling settings (README).
+GPU = dict(head_width=1024, head_depth=3, diffusion_batch_mul=4, diffusion_steps=100, discrete_guidance=1.5,
+           discrete_temperature=1.0, continuous_guidance=2.9, continuous_temperature=1.0)
 PRESETS = {
     "quick": ({}, {}),
     "cifar10": (dict(base_channels=64, downsample=4, latent_channels=8, codebook_size=512),
-                dict(n_layer=12, n_head=8, n_embd=512, dropout=0.1, head_width=1024, head_depth=3,
-                     diffusion_batch_mul=4, sampling_steps=16, diffusion_steps=100)),
+                dict(n_layer=12, n_head=8, n_embd=512, dropout=0.1, class_tokens=16, sampling_steps=16, **GPU)),
     "imagenet64": (dict(image_size=64, base_channels=128, downsample=4, latent_channels=16, codebook_size=1024),
-                   dict(n_layer=24, n_head=12, n_embd=768, head_width=1024, head_depth=3,
-                        diffusion_batch_mul=4, sampling_steps=64, diffusion_steps=100)),
+                   dict(n_layer=24, n_head=12, n_embd=768, class_tokens=64, sampling_steps=64, **GPU)),
 }
 
 

@@ -121,7 +121,7 @@ def make_deterministic():
     if torch.cuda.is_available():
         torch.backends.cuda.enable_flash_sdp(False)
         torch.backends.cuda.enable_mem_efficient_sdp(False)
-        torch.backends.cuda.enable_cudnn_sdp(False)
+        getattr(torch.backends.cuda, "enable_cudnn_sdp", lambda enabled: None)(False)  # torch >= 2.3 has cuDNN's
 
 
 def make_optimizer(model, lr, train_cfg, device):
@@ -256,8 +256,9 @@ def train_stage(stage, model, dataset, train_cfg, config, rank, world, device):
     heldout = data.load_dataset(train_cfg.dataset, train_cfg.data_dir, image_size, "heldout") if stage == 2 else None
     probes = {}
     for name, (images, labels, _) in (("seen", dataset), ("heldout", heldout)) if heldout else ():
-        index = data.balanced_subset(labels, 256)  # 256 fixed images of each, their held-out loss logged (stage 2)
-        probes[name] = data.to_model_input(images[index], device, image_size), data.to_device(labels[index], device)
+        index = data.balanced_subset(labels, 256)  # 256 fixed images of each, encoded once
+        x = model.tokenizer.encode(data.to_model_input(images[index], device, image_size))
+        probes[name] = x, data.to_device(labels[index], device)
     bar = data.progress(total=steps, initial=step, desc=f"stage {stage}")
     logged, logged_steps, t0 = 0, 0, time.time()
     model.train()
