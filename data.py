@@ -197,7 +197,8 @@ def make_shapes(n, size, seed):
 
 def prepare_data(name, data_dir, image_size):
     """One-time work, by one process per node while the others wait: download CIFAR-10, or convert ImageNet-64 or an
-    image folder into one uint8 .npy that every process memory-maps (a node's processes share one copy in RAM)."""
+    image folder (and its DIR_heldout, if any) into one uint8 .npy each that every process memory-maps (a node's
+    processes share one copy in RAM)."""
     if name == "cifar10" and not os.path.isdir(os.path.join(data_dir, "cifar-10-batches-py")):
         try:
             with urllib.request.urlopen(CIFAR_URL, timeout=60) as response:
@@ -210,9 +211,17 @@ def prepare_data(name, data_dir, image_size):
         writable_or_fail(data_dir)
         with tarfile.open(fileobj=io.BytesIO(archive)) as tar:  # tar filters: Python 3.12+, some 3.8-3.11 patches
             tar.extractall(data_dir, **{"filter": "data"} if hasattr(tarfile, "data_filter") else {})
-    if name not in ("imagenet64", "folder"):
-        return
-    images_path, labels_path, files, _ = converted_paths(name, data_dir, image_size)
+    if name == "imagenet64":
+        convert(name, data_dir, image_size)
+    if name == "folder":
+        heldout = data_dir.rstrip("/") + "_heldout"
+        for folder in [data_dir] + ([heldout] if os.path.isdir(heldout) else []):
+            convert(name, folder, image_size, classes_from=data_dir)
+
+
+def convert(name, data_dir, image_size, classes_from=None):
+    """ImageNet-64's batches, or a folder's images, into one .npy of images and one of labels (converted_paths)."""
+    images_path, labels_path, files, _ = converted_paths(name, data_dir, image_size, classes_from)
     if os.path.exists(images_path):  # written last: its presence means that the conversion is complete
         return
     if not files:
@@ -245,10 +254,11 @@ def prepare_data(name, data_dir, image_size):
     atomic_write(images_path, write_images)
 
 
-def converted_paths(name, data_dir, image_size):
+def converted_paths(name, data_dir, image_size, classes_from=None):
     """-> (images .npy, labels .npy, source files, number of classes) of ImageNet-64, or of a folder with one
-    sub-directory of images per class (hidden entries such as .ipynb_checkpoints are skipped). A folder's .npy are
-    named after a hash of its file list: adding, removing or changing an image converts it anew."""
+    sub-directory of images per class (hidden entries such as .ipynb_checkpoints are skipped), the classes numbered as
+    classes_from's (the training folder, for a held-out one). A folder's .npy are named after a hash of its file list:
+    adding, removing or changing an image converts it anew."""
     if name == "imagenet64":
         files = sorted(glob.glob(os.path.join(data_dir, "train_data_batch_*.npz")),
                        key=lambda p: int(p[:-4].split("_")[-1]))  # batch 10 after batch 9, not after batch 1
@@ -256,8 +266,12 @@ def converted_paths(name, data_dir, image_size):
         return base + "images.npy", base + "labels.npy", files, 1000
     if not os.path.isdir(data_dir):
         fail(f"--data_dir {data_dir} is not a directory (the folder dataset wants one sub-directory per class)")
-    classes = sorted(d for d in os.listdir(data_dir) if d[0] != "." and os.path.isdir(os.path.join(data_dir, d)))
-    files = [(os.path.join(data_dir, c, f), k) for k, c in enumerate(classes)
+    subdirs = lambda folder: sorted(d for d in os.listdir(folder) if d[0] != "." and os.path.isdir(
+        os.path.join(folder, d)))
+    classes = subdirs(classes_from or data_dir)
+    if set(subdirs(data_dir)) - set(classes):
+        fail(f"{data_dir} has classes that {classes_from} has not: {sorted(set(subdirs(data_dir)) - set(classes))}")
+    files = [(os.path.join(data_dir, c, f), k) for k, c in enumerate(classes) if c in subdirs(data_dir)
              for f in sorted(os.listdir(os.path.join(data_dir, c))) if f[0] != "." and f.lower().endswith(
                  IMAGE_EXTENSIONS)]
     if not files:
@@ -274,8 +288,9 @@ def load_dataset(name, data_dir, image_size, split="train"):
     if name == "shapes":
         return (*make_shapes(20_000 if split == "train" else 2000, image_size,
                              SHAPES_SEED if split == "train" else HELDOUT_SEED), len(SHAPES))
+    classes_from = None
     if split != "train" and name == "folder":
-        data_dir = data_dir.rstrip("/") + "_heldout"
+        data_dir, classes_from = data_dir.rstrip("/") + "_heldout", data_dir
         if not os.path.isdir(data_dir):
             return None
     elif split != "train" and name != "cifar10":
@@ -289,9 +304,9 @@ def load_dataset(name, data_dir, image_size, split="train"):
         files = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
         batches = [read_or_fail(os.path.join(folder, f), read, f"delete {folder} to download it again") for f in files]
         return np.concatenate([b[0] for b in batches]), np.concatenate([b[1] for b in batches]), 10
-    images_path, labels_path, _, num_classes = converted_paths(name, data_dir, image_size)
+    images_path, labels_path, _, num_classes = converted_paths(name, data_dir, image_size, classes_from)
     if name == "folder" and not os.path.exists(images_path):
-        prepare_data(name, data_dir, image_size)
+        convert(name, data_dir, image_size, classes_from)
     return np.load(images_path, mmap_mode="r"), np.load(labels_path), num_classes
 
 

@@ -98,9 +98,9 @@ def check_fields(config, positive=(), non_negative=(), below=None):
 
 
 # Each preset's fields that differ from the defaults (train.py adds its data and optimisation). GPT-2 small's depth at
-# width 512 (CIFAR-10), MAR-B's 24 x 768 (ImageNet-64); MAR's head, 100 diffusion steps, 64 class positions and sampling
-# steps per 256 tokens; temperature 1, guidance 1.5 on d (LlamaGen's sample_c2i_ddp.py) and 2.9 on c (MAR-B in
-# LTH14/mar's README). Never trained end to end: sweep the sampling settings (README).
+# width 512 (CIFAR-10), MAR-B's 24 x 768 (ImageNet-64); MAR's default head (1024 x 3), 100 diffusion steps, 64 class
+# positions and sampling steps per 256 tokens (its best FID takes 256 steps); temperature 1, guidance 1.5 on d
+# (LlamaGen's sample_c2i_ddp.py) and 2.9 on c (MAR-B, LTH14/mar's README). Never trained end to end: sweep them.
 GPU = dict(head_width=1024, head_depth=3, diffusion_batch_mul=4, diffusion_steps=100, discrete_guidance=1.5,
            discrete_temperature=1.0, continuous_guidance=2.9, continuous_temperature=1.0)
 PRESETS = {
@@ -322,7 +322,7 @@ class GaussianDiffusion(nn.Module):  # no parameters; a module so that its table
 
     def respaced(self, diffusion_steps):
         """The reverse chain on `diffusion_steps` timesteps (improved DDPM's respacing): a dict of float64 tensors,
-        ascending in t. "timesteps" (long): linspace(T - 1, 0, steps) rounded, so it ends at T - 1 (one step: [T - 1]);
+        ascending in t. "timesteps" (long): linspace(T - 1, 0, diffusion_steps) rounded (one step: [T - 1]);
         "alphas_cumprod": abar there; "coef_x0", "coef_xt": the posterior mean coef_x0 x0 + coef_xt x_t given the
         previous step; "log_var": the posterior variance's log, its first entry (0) set to the second's (0 for one
         step), as improved DDPM. ValueError unless 1 <= diffusion_steps <= T."""

@@ -1888,7 +1888,7 @@ def test_resume_gives_the_optimizer_moments_their_weights_layout(trained):
     ckpt = load(path)
     model = Tokenizer(TokenizerConfig(**ckpt["config"]["tokenizer"]))                  # the default layout
     optimizer = train.make_optimizer(model, 1e-3, train.TrainConfig(), torch.device("cpu"))
-    train.resume(path, 1, model, copy.deepcopy(model), optimizer, ckpt["config"], train.TrainConfig())
+    train.resume(path, 1, model, copy.deepcopy(model), optimizer, ckpt["config"], train.TrainConfig(), world=1)
     saved = ckpt["optimizer"]["state"][0]["exp_avg"]
     weight = optimizer.param_groups[0]["params"][0]
     assert weight.dim() == 4 and saved.stride() != weight.stride()                   # this test shows something
@@ -1980,10 +1980,10 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monk
             terms["loss"] = terms["loss"] * float("nan")
         return terms
     monkeypatch.setattr(discon.Tokenizer, "forward", nan_from_step_3)
-    # The gradient norm is read (a host-device sync) only at the steps that wait anyway, here 2 and 4 (checkpoints):
+    # The gradient norm is read (a host-device sync) only at the steps that wait anyway, here 2 and 4 (logs, checkpoints):
     # the NaN of step 3 (index 2) is found at step 4 (index 3), before its checkpoint is written.
     with pytest.raises(SystemExit, match="not finite at step 3"):
-        train.main(TINY + ["--out_dir", str(tmp_path), "--stage", "1", "--log_every", "4"])
+        train.main(TINY + ["--out_dir", str(tmp_path), "--stage", "1", "--log_every", "2"])
     ckpt = load(tmp_path / "tokenizer.pt")
     assert ckpt["step"] == 2 and all(v.isfinite().all() for v in ckpt["model"].values() if v.is_floating_point())
 
@@ -2186,6 +2186,8 @@ def bad_files(trained, tmp_path):
     data = (tmp_path / "images.npz").read_bytes()
     (tmp_path / "truncated.npz").write_bytes(data[:len(data) // 2])
     save_pngs(tmp_path / "few" / "cat", random_images(2, 16, 16))  # fewer images than a batch
+    save_pngs(tmp_path / "pets" / "cat", random_images(9, 16, 16))
+    save_pngs(tmp_path / "pets_heldout" / "dog", random_images(2, 16, 16))  # a class that training has not
     save_pngs(tmp_path / "hidden" / ".ipynb_checkpoints", random_images(9, 16, 16))  # no class: no images
     save_pngs(tmp_path / "pngs", random_images(2, 16, 16))
     data = (tmp_path / "pngs" / "001.png").read_bytes()
@@ -2235,6 +2237,9 @@ def bad_files(trained, tmp_path):
     ("train", ["--stage", "2", "--tokenizer", "{tmp}/run/model.pt"], "{tmp}/run/model.pt is not a tokenizer.pt"),
     ("train", ["--out_dir", "{tmp}/a_file"], "cannot write into {tmp}/a_file"),
     ("train", ["--resume", "--n_layer", "2"], "another model config"),
+    ("train", ["--resume", "--seed", "3"], "another train config"),
+    ("train", ["--log_every", "3"], "--ckpt_every must be a multiple of log_every"),
+    ("train", ["--dataset", "folder", "--data_dir", "{tmp}/pets"], "{tmp}/pets_heldout has classes that {tmp}/pets has not"),
     ("train", ["--resume", "--model_steps", "8", "--tokenizer_steps", "2"], "pass --tokenizer_steps 4 or more"),
     ("train", ["--stage", "2", "--resume", "--tokenizer", "{tmp}/retrained_tokenizer.pt"],
      "{tmp}/run/model.pt was trained on other tokenizer weights than {tmp}/retrained_tokenizer.pt holds now"),

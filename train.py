@@ -64,6 +64,8 @@ class TrainConfig:
                             non_negative=("seed", "warmup", "weight_decay", "grad_clip"))
         if not 0 <= self.beta2 < 1:
             raise ValueError(f"beta2 must be in [0, 1), got {self.beta2}")
+        if self.ckpt_every % self.log_every:  # else the first line after a resume would average fewer steps
+            raise ValueError(f"ckpt_every must be a multiple of log_every, got {self.ckpt_every} and {self.log_every}")
 
 
 # Each preset's data and optimisation; discon.PRESETS holds its tokenizer and models. The transformers' base rate is
@@ -79,9 +81,12 @@ PRESETS = {
 }
 CHOICES = {"dataset": ("shapes", "cifar10", "imagenet64", "folder"), "stage": ("1", "2", "both"),
            "schedule": ("cosine", "constant"), "mode": discon.MODES, "tokenizer.in_channels": (3,)}
-# DisConConfig fields that only sampling reads: a resumed run may change them.
+# DisConConfig fields that only sampling reads: a resumed run may change them. TrainConfig fields that set what each
+# step does: a resumed run must keep them (and its stage's learning rate), or it fails in one line.
 SAMPLING_FIELDS = ("discrete_guidance", "discrete_temperature", "continuous_guidance", "continuous_temperature",
                    "sampling_steps", "diffusion_steps", "clip_latent")
+RESUME_FIXED = ("dataset", "seed", "batch_size", "grad_accum", "warmup", "schedule", "weight_decay", "beta2",
+                "grad_clip", "ema_decay")
 
 
 def make_configs(argv=None):
@@ -159,7 +164,7 @@ def update_ema(ema, model, step, decay):
 
 
 @torch.no_grad()
-def save_preview(stage, ema, dataset, step, train_cfg, device, image_size):
+def save_preview(stage, ema, dataset, step, train_cfg, device, image_size, autocast):
     """Stage 1: rows of originals, continuous and discrete reconstructions. Stage 2: a row of samples per class (10
     classes at most, spread over the labels) at the config's sampling settings, with the judge's verdict on shapes."""
     if stage == 1:
@@ -168,7 +173,8 @@ def save_preview(stage, ema, dataset, step, train_cfg, device, image_size):
         images = discon.to_uint8(torch.cat([x, ema.decode(c), ema.decode_codes(d)]))
     else:
         y = torch.linspace(0, dataset[2] - 1, min(dataset[2], 10)).round().long().repeat_interleave(8).to(device)
-        images = ema.generate(y, generator=torch.Generator(device).manual_seed(train_cfg.seed))
+        with autocast:  # as sample.py samples
+            images = ema.generate(y, generator=torch.Generator(device).manual_seed(train_cfg.seed))
     name = f"{'reconstructions' if stage == 1 else 'samples'}_{step:07d}.png"
     images = images.permute(0, 2, 3, 1).cpu().numpy()
     data.save_grid(images, 8, os.path.join(train_cfg.out_dir, name))
@@ -191,14 +197,15 @@ def held_out_losses(model, probes, seed, autocast):
     return terms
 
 
-def resume(path, stage, model, ema, optimizer, config, train_cfg):
+def resume(path, stage, model, ema, optimizer, config, train_cfg, world):
     """Load the checkpoint `path` of this stage into the model, its EMA and the optimizer -> its (step, data position,
-    finished), or fail() in one line if it was made with another config (sampling settings aside) or tokenizer."""
+    finished), or fail() in one line if it was made with another config (RESUME_FIXED, the tokenizer's and the model's
+    but for SAMPLING_FIELDS) or tokenizer."""
     ckpt, _ = data.load_checkpoint(path, stage, weights="model")
-    for part in ("tokenizer", "model")[:stage]:
-        saved = ckpt["config"][part]
-        changed = {k: (saved.get(k), v) for k, v in config[part].items() if saved.get(k) != v and k not in
-                   SAMPLING_FIELDS}
+    for part in ("train", "tokenizer", "model")[:stage + 1]:
+        saved, fixed = ckpt["config"][part], RESUME_FIXED + (("tokenizer", "model")[stage - 1] + "_base_lr",)
+        keys = fixed if part == "train" else [k for k in config[part] if k not in SAMPLING_FIELDS]
+        changed = {k: (saved.get(k), config[part][k]) for k in keys if saved.get(k) != config[part][k]}
         if changed:
             fail(f"{path} was made with another {part} config, field: (checkpoint, now): {changed}; leave out --resume "
                  f"to start again")
@@ -210,6 +217,11 @@ def resume(path, stage, model, ema, optimizer, config, train_cfg):
     model.load_state_dict(ckpt["model"])
     ema.load_state_dict(ckpt["ema"])
     optimizer.load_state_dict(ckpt["optimizer"])
+    for group in optimizer.param_groups:  # the kernel of this device, not the checkpoint's
+        group["fused"], group["foreach"] = next(model.parameters()).device.type == "cuda", None
+    if ckpt.get("world", world) != world:
+        print0(f"{path} was written by {ckpt['world']} processes, resumed by {world}: the random draws differ from "
+               f"an uninterrupted run's")
     for p, moments in optimizer.state.items():  # a CPU stage 1 is channels_last: the moments take the weights' layout
         for k, v in moments.items():
             if k != "step" and v.shape == p.shape:
@@ -231,7 +243,7 @@ def train_stage(stage, model, dataset, train_cfg, config, rank, world, device):
     optimizer = make_optimizer(model, lr, train_cfg, device)
     step, position, finished = 0, (0, 0), False
     if train_cfg.resume and os.path.exists(path):
-        step, position, finished = resume(path, stage, model, ema, optimizer, config, train_cfg)
+        step, position, finished = resume(path, stage, model, ema, optimizer, config, train_cfg, world)
         if step > steps:
             fail(f"{path} is at step {step}, beyond --{name}_steps {steps}: pass --{name}_steps {step} or more to "
                  f"continue it, or leave out --resume to start again")
@@ -243,11 +255,12 @@ def train_stage(stage, model, dataset, train_cfg, config, rank, world, device):
         lines = [line for line in open(log_path) if line.endswith("}\n")]
         kept = "".join(line for line in lines if (json.loads(line)["stage"], json.loads(line)["step"]) <= (stage, step))
         data.atomic_write(log_path, lambda f: f.write(kept.encode()))
-    # Stage 1 stays eager: its dead-code restart and collectives break the graph, and torch 2.13's compiled backward
-    # of its VQ loss failed.
-    net = torch.compile(model) if train_cfg.compile and stage == 2 else model
+    net = model
     if world > 1:  # stage 2's buffers (the frozen tokenizer's) are equal on every process: no broadcast
         net = DDP(net, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=stage == 1)
+    # Compiled around DDP, as PyTorch advises. Stage 1 stays eager: its dead-code restart and collectives break the
+    # graph, and torch 2.13's compiled backward of its VQ loss failed.
+    net = torch.compile(net) if train_cfg.compile and stage == 2 else net
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     latents = None
     if stage == 2 and train_cfg.cache_latents:
@@ -255,10 +268,10 @@ def train_stage(stage, model, dataset, train_cfg, config, rank, world, device):
     generator, micro = torch.Generator(device), train_cfg.batch_size // (world * train_cfg.grad_accum)
     heldout = data.load_dataset(train_cfg.dataset, train_cfg.data_dir, image_size, "heldout") if stage == 2 else None
     probes = {}
-    for name, (images, labels, _) in (("seen", dataset), ("heldout", heldout)) if heldout else ():
+    for split, (images, labels, _) in (("seen", dataset), ("heldout", heldout)) if heldout else ():
         index = data.balanced_subset(labels, 256)  # 256 fixed images of each, encoded once
         x = model.tokenizer.encode(data.to_model_input(images[index], device, image_size))
-        probes[name] = x, data.to_device(labels[index], device)
+        probes[split] = x, data.to_device(labels[index], device)
     bar = data.progress(total=steps, initial=step, desc=f"stage {stage}")
     logged, logged_steps, t0 = 0, 0, time.time()
     model.train()
@@ -301,26 +314,28 @@ def train_stage(stage, model, dataset, train_cfg, config, rank, world, device):
         if log:
             if world > 1:
                 dist.all_reduce(logged)
-            means = (logged / (world * logged_steps)).tolist()
+            means, seconds = (logged / (world * logged_steps)).tolist(), time.time() - t0
             line = {"stage": stage, "step": step, **{k: round(v, 5) for k, v in zip(terms, means)},
                     **(held_out_losses(model, probes, train_cfg.seed, autocast) if probes and rank == 0 else {}),
                     "lr": optimizer.param_groups[0]["lr"], "grad_norm": round(grad_norm.item(), 4),
-                    "images_per_s": round(logged_steps * train_cfg.batch_size / (time.time() - t0), 1)}
+                    "images_per_s": round(logged_steps * train_cfg.batch_size / seconds, 1)}
             print0(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in line.items()))
             if rank == 0:
-                with open(log_path, "a") as f:
+                with open(log_path, "a") as f:  # synced as a checkpoint is: a crash loses no line before one
                     f.write(json.dumps(line) + "\n")
+                    f.flush()
+                    os.fsync(f.fileno())
             logged, logged_steps, t0 = 0, 0, time.time()
         if rank == 0 and save:
             if stage == 1 and step == steps:  # the final EMA tokenizer's per-channel latent statistics
                 ema.fit_latent_stats(data.model_inputs(dataset[0], data.balanced_subset(dataset[1], 10_000), device,
                                                        image_size))
-            checkpoint = {"stage": stage, "step": step, "finished": step == steps,
+            checkpoint = {"stage": stage, "step": step, "finished": step == steps, "world": world,
                           "data": {"epoch": position[0], "index": position[1]}, "config": config,
                           "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict()}
             data.atomic_write(path, lambda f: torch.save(checkpoint, f))
         if rank == 0 and preview:
-            save_preview(stage, ema, dataset, step, train_cfg, device, image_size)
+            save_preview(stage, ema, dataset, step, train_cfg, device, image_size, autocast)
     bar.close()
     data.barrier()  # stage 2 reads the tokenizer checkpoint that rank 0 has just written
 

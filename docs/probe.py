@@ -11,7 +11,7 @@ against the reference statistics of, one row each:
   c of every other position (one forward per position), then the grid decoded;
 - free-running: the model's own sampler given the real d (generate(codes=d)), as sample.py --real-codes.
 
-Both samplers run without guidance, at the --temperature of the head. Beside each, the spread of the samples: the rms
+Both samplers run without guidance, at the head's --continuous-temperature. Beside each, the spread of the samples: the rms
 per element of (sample - real c), against the rms of (real c - the codebook centre of d), the residual that d leaves.
 """
 import argparse
@@ -52,16 +52,17 @@ def main():
     parser.add_argument("reference", help="FID reference statistics .npz")
     parser.add_argument("--weights", default=None, help="Inception weights for fid.py (None: its download)")
     parser.add_argument("--noise", default="0,0.1,0.2,0.4", help="comma-separated latent noise scales s")
-    parser.add_argument("--temperature", type=float, default=None, help="the head's (None: the model config's)")
+    parser.add_argument("--continuous-temperature", type=float, default=None, help="the head's (default: the config's)")
     parser.add_argument("--num-images", type=int, default=1000)
     parser.add_argument("--rows", default="noise,codes,teacher,free", help="which rows to score")
     args = parser.parse_args()
     ckpt, model = data.load_checkpoint(args.checkpoint, stage=2)
     model.eval()
-    temperature = model.cfg.continuous_temperature if args.temperature is None else args.temperature
+    temperature = model.cfg.continuous_temperature if args.continuous_temperature is None else \
+        args.continuous_temperature
     inception = fid.load_inception(args.weights, "cpu")
     reference = fid.load_statistics(args.reference)
-    judge = data.shape_judge(32, cache_dir=os.path.dirname(os.path.abspath(args.checkpoint)))
+    judge = data.shape_judge(model.tokenizer.cfg.image_size, cache_dir=os.path.dirname(os.path.abspath(args.checkpoint)))
     images, labels = data.training_images(ckpt["config"], args.num_images)
     x = data.to_model_input(images, "cpu", model.tokenizer.cfg.image_size)
     c_grid, d_grid = model.tokenizer.encode(x)
