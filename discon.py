@@ -56,8 +56,8 @@ class DisConConfig:
     n_embd: int = 128
     dropout: float = 0.0               # attention weights and MLP output (MAR: 0.1); 0 for runs of a few epochs
     label_drop: float = 0.1            # classifier-free guidance: condition dropped at this rate (MAR's, LlamaGen's)
-    class_tokens: int = 4              # leading positions of the continuous model that hold the class, never masked:
-                                       # MAR's buffer (64 for 256 tokens, LTH14/mar models/mar.py); experiments.md
+    class_tokens: int = 1              # leading positions of the continuous model holding the class, never masked:
+                                       # MAR's buffer (64 for 256 tokens); 4 and 16 gained nothing here (experiments.md)
     head_width: int = 128              # MAR-B's head is 1024 wide and 6 deep (its README); scaled down here
     head_depth: int = 2
     diffusion_batch_mul: int = 1       # (t, noise) draws per condition per step (MAR: 4); 1 is faster on a CPU

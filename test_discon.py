@@ -43,7 +43,7 @@ import train
 from discon import ContinuousModel, DisCon, DisConConfig, GaussianDiffusion, Tokenizer, TokenizerConfig
 
 TINY_TOKENIZER = dict(image_size=16, base_channels=16, downsample=4, latent_channels=4, codebook_size=32)
-TINY_MODEL = dict(n_layer=2, n_head=2, n_embd=32, head_width=32, head_depth=2, diffusion_steps=8)
+TINY_MODEL = dict(n_layer=2, n_head=2, n_embd=32, head_width=32, head_depth=2, diffusion_steps=8, class_tokens=3)
 
 
 def tiny_tokenizer(seed=0, **overrides):

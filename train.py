@@ -269,7 +269,7 @@ def train_stage(stage, model, dataset, train_cfg, config, rank, world, device):
     heldout = data.load_dataset(train_cfg.dataset, train_cfg.data_dir, image_size, "heldout") if stage == 2 else None
     probes = {}
     for split, (images, labels, _) in (("seen", dataset), ("heldout", heldout)) if heldout else ():
-        index = data.balanced_subset(labels, 256)  # 256 fixed images of each, encoded once
+        index = data.balanced_subset(labels, 128)  # 128 fixed images of each, encoded once
         x = model.tokenizer.encode(data.to_model_input(images[index], device, image_size))
         probes[split] = x, data.to_device(labels[index], device)
     bar = data.progress(total=steps, initial=step, desc=f"stage {stage}")
