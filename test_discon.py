@@ -2235,6 +2235,8 @@ def bad_files(trained, tmp_path):
     ("train", ["--stage", "2", "--out_dir", "/no/such/dir"], "no tokenizer checkpoint"),
     ("train", ["--stage", "2", "--tokenizer", "{tmp}/truncated.pt"], "cannot read {tmp}/truncated.pt"),
     ("train", ["--stage", "2", "--tokenizer", "{tmp}/run/model.pt"], "{tmp}/run/model.pt is not a tokenizer.pt"),
+    ("train", ["--stage", "2", "--tokenizer", "{tmp}/run/tokenizer.pt", "--dataset", "folder", "--data_dir",
+               "{tmp}/pets"], "{tmp}/run/tokenizer.pt was trained on --dataset shapes: pass it (and its --data_dir)"),
     ("train", ["--out_dir", "{tmp}/a_file"], "cannot write into {tmp}/a_file"),
     ("train", ["--resume", "--n_layer", "2"], "another model config"),
     ("train", ["--resume", "--seed", "3"], "another train config"),

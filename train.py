@@ -124,9 +124,8 @@ def make_deterministic():
     torch.use_deterministic_algorithms(True, warn_only=True)
     torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
     if torch.cuda.is_available():
-        torch.backends.cuda.enable_flash_sdp(False)
-        torch.backends.cuda.enable_mem_efficient_sdp(False)
-        getattr(torch.backends.cuda, "enable_cudnn_sdp", lambda enabled: None)(False)  # torch >= 2.3 has cuDNN's
+        for kernel in ("flash", "mem_efficient", "cudnn"):  # torch >= 2.3 has cuDNN's
+            getattr(torch.backends.cuda, f"enable_{kernel}_sdp", lambda enabled: None)(False)
 
 
 def make_optimizer(model, lr, train_cfg, device):
@@ -363,6 +362,8 @@ def main(argv=None):
             ckpt, tokenizer = data.load_checkpoint(tok_path, stage=1)
             if not ckpt["finished"]:
                 fail(f"{tok_path} is unfinished: finish stage 1 with --stage 1 --resume")
+            if (trained_on := ckpt["config"]["train"]["dataset"]) != train_cfg.dataset:  # stage 1's data is stage 2's
+                fail(f"{tok_path} was trained on --dataset {trained_on}: pass it (and its --data_dir) as stage 1 did")
             tok_cfg = tokenizer.cfg
         if rank == 0:
             data.writable_or_fail(train_cfg.out_dir, clean=True)
