@@ -363,7 +363,8 @@ def main(argv=None):
             if not ckpt["finished"]:
                 fail(f"{tok_path} is unfinished: finish stage 1 with --stage 1 --resume")
             if (trained_on := ckpt["config"]["train"]["dataset"]) != train_cfg.dataset:  # stage 1's data is stage 2's
-                fail(f"{tok_path} was trained on --dataset {trained_on}: pass it (and its --data_dir) as stage 1 did")
+                fail(f"{tok_path} was trained on --dataset {trained_on}, not {train_cfg.dataset}: stage 2 trains on "
+                     f"stage 1's data, pass its --dataset (and --data_dir)")
             tok_cfg = tokenizer.cfg
         if rank == 0:
             data.writable_or_fail(train_cfg.out_dir, clean=True)

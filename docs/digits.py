@@ -4,8 +4,11 @@ images of 8x8 pixels, 10 classes), as a folder for train.py's `--dataset folder`
 
     pip install scikit-learn
     python docs/digits.py export data/digits        # data/digits/<class>/*.png and data/digits_heldout/<class>/*.png
-    python train.py --dataset folder --data_dir data/digits --out_dir runs/digits
+    python train.py --dataset folder --data_dir data/digits --model_steps 1000 --out_dir runs/digits
+    python sample.py runs/digits/model.pt --num-images 1000 --batch-size 500
     python docs/digits.py judge runs/digits/samples/samples_1000x32x32x3.npz
+
+Stage 2 stops at 1000 steps: at the quick preset's 7000 the prior memorises these 1497 images (experiments.md).
 
 The export keeps 300 images (30 per class, seeded) apart as the held-out split (data.py reads DIR_heldout). The judge
 is an RBF support-vector classifier trained on the 1497 training digits at 8x8, applied to each sample averaged down to

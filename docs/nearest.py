@@ -2,11 +2,12 @@
 
     python docs/nearest.py out/model.pt out/samples/samples_1000x32x32x3.npz
 
-For every sample, the distance to its nearest training image (RMS over pixels, in units of the 0-255 range); for as
-many held-out real images (data.py's "heldout" split), theirs. The ratio of the medians, samples over held-out, is well
-below 1 when a model copies its training images; near 1 or above when it does not (samples that are worse than real
-images lie farther from everything). Writes nearest.png beside the samples: the 10 samples closest to a training image,
-each beside that image.
+For every sample, the distance to its nearest training image (RMS over pixels and channels, on a 0-1 scale); for as
+many held-out real images as the split has (data.py's "heldout"), theirs. The ratio of the medians, samples over
+held-out, is well below 1 when a model copies most of its samples; near 1 or above when it does not (samples worse
+than real images lie farther from everything). Copies among bad samples show in the closest 1% instead: nearer a
+training image than the closest held-out images come (the 7000-step digits model: 0.039 against 0.059 at a median
+ratio of 1.95). Writes nearest.png beside the samples: the 10 samples closest to a training image, each beside it.
 """
 import os
 import sys
