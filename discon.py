@@ -243,8 +243,8 @@ class Tokenizer(nn.Module):
             terms["perplexity"], terms["usage"] = self.update_usage(d)
         return terms
 
-    # Encoding and decoding run in float32 even under autocast: a bf16 encoder gave another d at 1.3% of positions and
-    # a bf16 decoder moved 18% of the pixels of a sample, so a GPU would not see what a CPU sees (experiments.md).
+    # Encoding and decoding run in float32 even under autocast, so that a GPU sees the d and images a CPU sees (bf16
+    # changes both: docs/gpu.md, "Precision").
 
     @torch.no_grad()
     def encode(self, x, normalise=True):

@@ -235,7 +235,7 @@ def train_stage(stage, model, dataset, train_cfg, config, rank, world, device):
     steps, lr = getattr(train_cfg, name + "_steps"), getattr(train_cfg, name + "_base_lr") * train_cfg.batch_size / 256
     path, log_path = os.path.join(train_cfg.out_dir, name + ".pt"), os.path.join(train_cfg.out_dir, "log.jsonl")
     image_size = config["tokenizer"]["image_size"]
-    # A stage-1 step ran 1.26x faster in channels_last on a CPU (experiments.md); unmeasured on GPUs.
+    # channels_last for stage 1 on a CPU: chosen by measurement (docs/experiments.md); unmeasured on GPUs.
     channels_last = stage == 1 and device.type == "cpu"
     model.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
     ema = copy.deepcopy(model).requires_grad_(False).eval()
